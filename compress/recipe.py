@@ -1,0 +1,303 @@
+"""The recipe: what to compress and how, as validated pydantic models loaded from YAML.
+
+Relative paths in a recipe resolve against the recipe file's folder. ``--set`` overrides
+(``stages[1].student_layers=3``) are applied to the raw YAML before validation, and every
+validation error is reported at once with its location.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from compress.errors import RecipeError
+from serve.artifact import Task
+
+
+class Strict(BaseModel):
+    """Base for recipe sections: unknown keys are errors (catches YAML typos)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseSpec(Strict):
+    """The base model.
+
+    Attributes:
+        path: Hugging Face model folder (safetensors), or the folder holding ``gguf_file``.
+        gguf_file: A GGUF file inside ``path`` to load (dequantized) instead of safetensors.
+        trained_quantization: The 4-bit scheme the adapters were trained against (QLoRA):
+            adapters are then merged onto the base weights after a bitsandbytes
+            quantize/dequantize round trip, the exact weights training saw.
+        trust_remote_code: Allow model code from the folder (off unless asked for).
+    """
+
+    path: Path
+    gguf_file: str | None = None
+    trained_quantization: Literal["nf4", "fp4"] | None = None
+    trust_remote_code: bool = False
+
+
+class AdapterSpec(Strict):
+    """One LoRA adapter (a PEFT folder) and its weight in a weighted merge."""
+
+    path: Path
+    weight: float = 1.0
+
+
+class DataFile(Strict):
+    """A local dataset file (JSONL, CSV/TSV, optionally .gz/.bz2) and its field names."""
+
+    path: Path
+    text: str = "text"
+    label: str | None = "label"
+    samples: int | None = Field(default=None, gt=0)
+
+
+class DataSpec(Strict):
+    """Datasets used by distillation (train), calibration and evaluation."""
+
+    train: DataFile | None = None
+    calibration: DataFile | None = None
+    eval: DataFile | None = None
+
+
+class MergeConfig(Strict):
+    """Merge LoRA adapters into the base (no-op pass-through for a full fine-tune).
+
+    Attributes:
+        tolerance: Max allowed abs difference between merged and base+adapter logits.
+        check_samples: Number of sample inputs used for the fidelity check.
+    """
+
+    kind: Literal["merge"] = "merge"
+    tolerance: float = Field(default=1e-3, gt=0)
+    check_samples: int = Field(default=8, gt=0)
+
+
+class DistillConfig(Strict):
+    """Distill the current model into a smaller student (see ``stages/distill.py``).
+
+    Attributes:
+        student_layers: Number of transformer layers the student keeps.
+        strategy: Which teacher layers initialise the student.
+        layers: Explicit teacher layer indices (for ``strategy: explicit``).
+        student_path: A user-given smaller model sharing the tokenizer, instead of slicing.
+        temperature: Softmax temperature of the KD loss.
+        alpha: Weight of the KD loss (1 - alpha weights the label cross-entropy).
+        max_steps: Optimizer steps.
+        learning_rate: AdamW peak learning rate.
+        batch_size: Examples per step.
+        seed: Random seed.
+    """
+
+    kind: Literal["distill"] = "distill"
+    student_layers: int | None = Field(default=None, gt=0)
+    strategy: Literal["every-other", "first-k", "explicit"] = "every-other"
+    layers: list[int] | None = None
+    student_path: Path | None = None
+    temperature: float = Field(default=2.0, gt=0)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    max_steps: int = Field(default=200, gt=0)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    seed: int = 0
+
+
+StageConfig = Annotated[MergeConfig | DistillConfig, Field(discriminator="kind")]
+
+
+class ExportVariant(Strict):
+    """An ONNX export of the reference model."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    kind: Literal["export"] = "export"
+    format: Literal["onnx"] = "onnx"
+    precision: Literal["fp32", "fp16"] = "fp32"
+
+
+class QuantizeVariant(Strict):
+    """A quantized variant of the reference model."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    kind: Literal["quantize"] = "quantize"
+    method: Literal["int8-dynamic", "int8-static", "int4-weight-only", "nf4", "int8-bnb"]
+    block_size: int = Field(default=32, gt=0)
+    symmetric: bool = True
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+
+
+Variant = Annotated[ExportVariant | QuantizeVariant, Field(discriminator="kind")]
+
+
+class Gates(Strict):
+    """Acceptance thresholds for variants against the reference model."""
+
+    max_metric_drop: float = Field(default=0.01, ge=0)
+    min_agreement: float = Field(default=0.98, ge=0)
+
+
+class Recipe(Strict):
+    """A whole compression recipe.
+
+    Attributes:
+        name: Recipe name (used in reports).
+        task: ``text-classification`` or ``text-generation``.
+        base: The base model.
+        adapters: LoRA adapters to merge (empty for a full fine-tune).
+        labels: Class names in label-id order (classification), if the checkpoint lacks them.
+        data: Datasets for distillation, calibration and evaluation.
+        stages: Stages run in order; the last one's output is the reference for variants.
+        variants: Deployable artifacts built from the reference.
+        gates: Acceptance thresholds.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    task: Task
+    base: BaseSpec
+    adapters: list[AdapterSpec] = Field(default_factory=list)
+    labels: list[str] | None = None
+    data: DataSpec = Field(default_factory=DataSpec)
+    stages: list[StageConfig] = Field(default_factory=lambda: [MergeConfig()])
+    variants: list[Variant] = Field(default_factory=list)
+    gates: Gates = Field(default_factory=Gates)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> Recipe:
+        names = [v.name for v in self.variants]
+        stage_kinds = {s.kind for s in self.stages}
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"variant name {name!r} is used twice")
+            if name in stage_kinds:
+                raise ValueError(f"variant name {name!r} clashes with the {name} stage folder")
+        if not self.stages or self.stages[0].kind != "merge":
+            raise ValueError("the first stage must be {kind: merge} (it is a pass-through "
+                             "for a full fine-tune)")
+        return self
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("merge", "distill", "export", "quantize") and out.endswith("]"):
+            continue  # discriminator tag: `stages[1].distill.x` reads better as `stages[1].x`
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "recipe"
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    msgs = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        msg = msg.replace("Input should be greater than", "must be >")
+        msg = msg.replace("Extra inputs are not permitted", "unknown field")
+        msgs.append(f"{_location(tuple(err['loc']))}: {msg}")
+    return msgs
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``path.to.key=value`` override (list indices as ``stages[1]``) in place.
+
+    Raises:
+        RecipeError: The assignment is malformed or its path does not exist.
+    """
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment}: expected KEY=VALUE")
+    key, value = assignment.split("=", 1)
+    parts: list[str | int] = []
+    for token in key.replace("]", "").split("."):
+        name, *indices = token.split("[")
+        if name:
+            parts.append(name)
+        parts.extend(int(i) for i in indices if i.isdigit())
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        try:
+            node = node[part] if isinstance(part, int) else node.setdefault(part, {})
+        except (IndexError, KeyError, TypeError, AttributeError):
+            where = _location(tuple(parts[: i + 1]))
+            raise RecipeError(f"--set {assignment}: {where} does not exist") from None
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise RecipeError(f"--set {assignment}: index {last} out of range")
+    elif not isinstance(node, dict):
+        raise RecipeError(f"--set {assignment}: {key} is not a mapping key")
+    node[last] = _parse_scalar(value)
+
+
+def _resolve_paths(recipe: Recipe, root: Path) -> list[str]:
+    errors = []
+
+    def fix(path: Path) -> Path:
+        return path if path.is_absolute() else (root / path).resolve()
+
+    recipe.base.path = fix(recipe.base.path)
+    if not recipe.base.path.is_dir():
+        errors.append(f"base.path: no such directory: {recipe.base.path}")
+    elif recipe.base.gguf_file and not (recipe.base.path / recipe.base.gguf_file).is_file():
+        errors.append(f"base.gguf_file: no such file: {recipe.base.path / recipe.base.gguf_file}")
+    for i, adapter in enumerate(recipe.adapters):
+        adapter.path = fix(adapter.path)
+        if not (adapter.path / "adapter_config.json").is_file():
+            errors.append(f"adapters[{i}].path: not a PEFT adapter folder "
+                          f"(no adapter_config.json): {adapter.path}")
+    for section in ("train", "calibration", "eval"):
+        spec = getattr(recipe.data, section)
+        if spec is not None:
+            spec.path = fix(spec.path)
+            if not spec.path.is_file():
+                errors.append(f"data.{section}.path: no such file: {spec.path}")
+    for i, stage in enumerate(recipe.stages):
+        if isinstance(stage, DistillConfig) and stage.student_path is not None:
+            stage.student_path = fix(stage.student_path)
+            if not stage.student_path.is_dir():
+                errors.append(f"stages[{i}].student_path: no such directory: "
+                              f"{stage.student_path}")
+    return errors
+
+
+def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe file.
+
+    Args:
+        path: The YAML recipe.
+        overrides: ``KEY=VALUE`` strings applied before validation.
+
+    Returns:
+        The validated recipe with absolute paths.
+
+    Raises:
+        RecipeError: One message listing every problem with its location.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = " ".join(str(exc).split())
+        raise RecipeError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping at the top level")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"{path}: " + "; ".join(_format_errors(exc))) from None
+    errors = _resolve_paths(recipe, path.resolve().parent)
+    if errors:
+        raise RecipeError(f"{path}: " + "; ".join(errors))
+    return recipe

@@ -1,0 +1,148 @@
+"""Tiny, randomly initialised models built from configs (no network).
+
+Used by the tests and by the tiny recipes (`make tiny`): a 2-layer BERT classifier and a
+2-layer Llama, each with a word-level tokenizer made by the ``tokenizers`` library, plus
+LoRA adapters created with ``init_lora_weights=False`` so merging visibly changes outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WORDS = [
+    "the", "a", "an", "this", "that", "movie", "film", "story", "plot", "actor", "actress",
+    "scene", "music", "great", "good", "bad", "terrible", "awful", "wonderful", "boring", "fun",
+    "funny", "sad", "dull", "brilliant", "best", "worst", "love", "hate", "is", "was", "not",
+    "very", "really", "quite", "so", "and", "but", "or", "it", "i", "you", "we", "they", "of",
+    "to", "in", "on", "for", "with", "what", "who", "where", "when", "capital", "france",
+    "paris", "answer", "question", "yes", "no", "positive", "negative", "review", "one", "two",
+    "three", "red", "blue", "green", "cat", "dog", "city", "country",
+]
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def _tokenizer(kind: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    else:
+        specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS + [":", "?", ".", ","])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[1]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    if kind == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+            sep_token="[SEP]", model_input_names=["input_ids", "attention_mask"],
+            model_max_length=64)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 2)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+        eos_token="</s>", model_input_names=["input_ids", "attention_mask"],
+        padding_side="left", model_max_length=128)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_bert(dst: Path, num_labels: int = 2, seed: int = 0) -> Path:
+    """Save a 2-layer BERT sequence classifier (hidden 32) with its tokenizer to ``dst``."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    tok = _tokenizer("bert")
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64, num_labels=num_labels,
+                        id2label={0: "negative", 1: "positive"} if num_labels == 2 else None,
+                        label2id={"negative": 0, "positive": 1} if num_labels == 2 else None,
+                        pad_token_id=0)
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(dst, safe_serialization=True)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def build_llama(dst: Path, seed: int = 0) -> Path:
+    """Save a 2-layer Llama causal LM (hidden 32) with its tokenizer to ``dst``."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = _tokenizer("llama")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=128, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    model.save_pretrained(dst, safe_serialization=True)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def build_adapter(base: Path, dst: Path, task: str, seed: int = 1, rank: int = 4,
+                  target_modules: list[str] | None = None) -> Path:
+    """Save a randomly initialised LoRA adapter for ``base`` to ``dst``.
+
+    Args:
+        base: A folder made by :func:`build_bert` or :func:`build_llama`.
+        dst: Where to save the adapter.
+        task: ``text-classification`` (the head is saved via ``modules_to_save``) or
+            ``text-generation``.
+        seed: Seed for the adapter weights.
+        rank: LoRA rank.
+        target_modules: Modules to adapt (defaults per architecture).
+    """
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    if task == "text-classification":
+        model = AutoModelForSequenceClassification.from_pretrained(base)
+        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=2 * rank,
+                            target_modules=target_modules or ["query", "value"],
+                            init_lora_weights=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base)
+        config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=rank, lora_alpha=2 * rank,
+                            target_modules=target_modules or ["q_proj", "v_proj"],
+                            init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    if task == "text-classification":
+        # A fine-tuned head differs from the base head: perturb the saved copy.
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                param.data.add_(torch.randn_like(param) * 0.5)
+    peft_model.save_pretrained(dst, safe_serialization=True)
+    return dst
+
+
+def build_all(root: Path) -> dict[str, Path]:
+    """Build every tiny model and adapter used by the tiny recipes under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "bert": build_bert(root / "bert"),
+        "llama": build_llama(root / "llama"),
+    }
+    paths["bert-lora"] = build_adapter(paths["bert"], root / "bert-lora", "text-classification")
+    paths["llama-lora"] = build_adapter(paths["llama"], root / "llama-lora", "text-generation")
+    paths["llama-lora-b"] = build_adapter(paths["llama"], root / "llama-lora-b",
+                                          "text-generation", seed=2,
+                                          target_modules=["q_proj", "o_proj"])
+    log.info("tiny models written to %s", root)
+    return paths
