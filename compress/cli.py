@@ -14,6 +14,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from compress.commands import bench as bench_command
+from compress.commands import demo as demo_command
+from compress.commands import eval as eval_command
+from compress.commands import serve as serve_command
 from serve.errors import ModelpressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -132,6 +136,13 @@ def tiny(
 
     for name, path in build_all(out).items():
         console.print(f"{name}: {path}")
+
+
+# Each command lives in its own module under compress/commands (imports stay lazy there).
+app.command("eval")(eval_command.command)
+app.command("serve")(serve_command.command)
+app.command("bench")(bench_command.command)
+app.command("demo")(demo_command.command)
 
 
 def main() -> None:

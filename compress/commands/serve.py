@@ -1,0 +1,8 @@
+"""`modelpress serve` (not built yet)."""
+
+from serve.errors import ModelpressError
+
+
+def command() -> None:
+    """Not available yet."""
+    raise ModelpressError("`modelpress serve` is not available in this version yet")

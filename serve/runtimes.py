@@ -1,0 +1,154 @@
+"""One inference path for every artifact: offline evaluation and the HTTP service both
+run models through these runtimes, so offline and served numbers come from the same code.
+
+``load_runtime`` reads the manifest (verifying file hashes) and picks the runtime from
+``manifest.format``:
+
+* ``torch``      → :class:`serve.runtime_torch.TorchRuntime` (fp32/fp16/bf16, bitsandbytes)
+* ``onnx``       → :class:`serve.runtime_onnx.OnnxRuntime` (ONNX Runtime, CUDA EP or CPU EP)
+* ``onnx-genai`` → :class:`serve.runtime_genai.GenaiRuntime` (onnxruntime-genai generator)
+
+This module imports no framework; the concrete runtimes import theirs lazily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from serve.artifact import Manifest, load_artifact
+from serve.errors import ModelpressError
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class UnsupportedRequest(ModelpressError):
+    """A request the runtime cannot serve (wrong task, bad parameters)."""
+
+
+@dataclass
+class Classification:
+    """One classified text.
+
+    Attributes:
+        label: The predicted label name.
+        score: Probability of the predicted label.
+        scores: Probability of every label, by name.
+    """
+
+    label: str
+    score: float
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationParams:
+    """Decoding settings for :meth:`Runtime.generate`.
+
+    Attributes:
+        max_new_tokens: Upper bound on generated tokens.
+        temperature: 0 means greedy decoding.
+        top_p: Nucleus sampling threshold (used when temperature > 0).
+        stop: Stop sequences; the text is cut before the first one found.
+        seed: Random seed for sampling (reproducible outputs).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    """One generated completion.
+
+    Attributes:
+        text: The completion (prompt excluded, cut at a stop sequence).
+        prompt_tokens: Tokens in the prompt.
+        completion_tokens: Tokens generated.
+        finish_reason: ``stop`` (EOS or stop sequence) or ``length``.
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"] = "stop"
+
+
+class Runtime(Protocol):
+    """What every runtime offers. Methods for the other task raise ``UnsupportedRequest``."""
+
+    manifest: Manifest
+    device: str
+    labels: list[str]
+
+    def classify(self, texts: list[str]) -> list[Classification]:
+        """Classify a batch of texts."""
+        ...
+
+    def class_probabilities(self, texts: list[str]) -> Any:
+        """Probabilities, a float array of shape [len(texts), num_labels]."""
+        ...
+
+    def generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
+        """Complete a batch of prompts (left-padded, KV cache)."""
+        ...
+
+    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
+        """Yield the completion of one prompt piece by piece (text deltas)."""
+        ...
+
+    def next_token_logprobs(self, texts: list[str], max_length: int = 256) -> list[Any]:
+        """Per text: (token_ids [T], log_softmax over the vocabulary [T-1, V]).
+
+        Row ``t`` is the distribution predicting ``token_ids[t + 1]`` (a BOS token the
+        tokenizer adds is scored as context only). Texts are truncated to ``max_length``.
+        """
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens the model sees for ``text``."""
+        ...
+
+
+def resolve_device(device: Device = "auto") -> str:
+    """``cuda`` when asked for or available (auto), else ``cpu``."""
+    if device != "auto":
+        return device
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_runtime(path: Path | str, device: Device = "auto", verify: bool = True) -> Runtime:
+    """Load an artifact and return the runtime for its format.
+
+    Args:
+        path: Artifact folder.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        verify: Verify file hashes against the manifest first.
+
+    Raises:
+        ArtifactError: Missing, tampered or unknown-format artifact.
+    """
+    artifact = load_artifact(path, verify=verify)
+    fmt = artifact.manifest.format
+    if fmt == "torch":
+        from serve.runtime_torch import TorchRuntime
+
+        return TorchRuntime(artifact.path, artifact.manifest, device)
+    if fmt == "onnx":
+        from serve.runtime_onnx import OnnxRuntime
+
+        return OnnxRuntime(artifact.path, artifact.manifest, device)
+    if fmt == "onnx-genai":
+        from serve.runtime_genai import GenaiRuntime
+
+        return GenaiRuntime(artifact.path, artifact.manifest, device)
+    raise ModelpressError(f"{path}: unknown artifact format {fmt!r}")
