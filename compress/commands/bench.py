@@ -1,8 +1,97 @@
-"""`modelpress bench` (not built yet)."""
+"""`modelpress bench`: load-test served artifacts with Locust and recommend one."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from serve.errors import ModelpressError
 
 
-def command() -> None:
-    """Not available yet."""
-    raise ModelpressError("`modelpress bench` is not available in this version yet")
+def _numbers(text: str, option: str, kind: type) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ModelpressError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise ModelpressError(f"{option}: values must be positive, got {text!r}")
+    return values
+
+
+def parse_seconds(text: str, option: str) -> float:
+    """``30s``, ``2m``, ``500ms`` or a plain number of seconds → seconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
+    if not match:
+        raise ModelpressError(f"{option}: expected a duration like 30s or 2m, got {text!r}")
+    scale = {"ms": 1e-3, "s": 1, None: 1, "m": 60, "h": 3600}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def command(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact folders (first = reference).")],
+    data: Annotated[Path | None, typer.Option(
+        help="Eval data (JSONL/CSV/TSV): replayed as load and scored for accuracy.")] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of --data.")] = "text",
+    label_field: Annotated[str, typer.Option(help="Label field of --data.")] = "label",
+    eval_samples: Annotated[int, typer.Option(help="Examples of --data to use.")] = 200,
+    users: Annotated[str, typer.Option(help="Closed-loop user counts.")] = "1,8,32",
+    rate: Annotated[str, typer.Option(
+        help="Open-loop arrival rates in requests/s, e.g. 5,20 (none by default).")] = "",
+    duration: Annotated[str, typer.Option(help="Run time per load level.")] = "30s",
+    warmup: Annotated[str, typer.Option(help="Warm-up per artifact (not counted).")] = "10s",
+    repeats: Annotated[int, typer.Option(min=1, help="Runs per load level.")] = 2,
+    processes: Annotated[int | None, typer.Option(
+        help="Locust worker processes (Locust's --processes).")] = None,
+    slo: Annotated[str, typer.Option(help="Latency SLO, e.g. 'p95<200ms,failures<1%'.")] = (
+        "p95<200ms"),
+    max_accuracy_drop: Annotated[float, typer.Option(
+        help="Largest accepted accuracy drop vs the reference.")] = 0.01,
+    reference: Annotated[str | None, typer.Option(
+        help="Reference artifact name (default: the first).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per generation request.")] = 32,
+    serve_option: Annotated[list[str] | None, typer.Option(
+        "--serve-option", help="Extra `modelpress serve` option, e.g. --serve-option=--no-batching"
+    )] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("bench-results"),
+    host: Annotated[str | None, typer.Option(
+        help="Benchmark this running server instead of starting one (one ARTIFACT).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Load-test each artifact's server with Locust, score it, and recommend one."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+    from rich.markdown import Markdown
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bench.run import BenchConfig, run_bench
+
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    config = BenchConfig(
+        artifacts=artifacts, out=out, data=data, text_field=text_field,
+        label_field=label_field or None, eval_samples=eval_samples,
+        users=_numbers(users, "--users", int), rates=_numbers(rate, "--rate", float),
+        duration_s=parse_seconds(duration, "--duration"),
+        warmup_s=parse_seconds(warmup, "--warmup"), repeats=repeats, processes=processes,
+        slo=slo, max_accuracy_drop=max_accuracy_drop, host=host, reference=reference,
+        max_new_tokens=max_new_tokens, server_args=serve_option or [])
+    total = len(artifacts) * config.steps_per_artifact()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("bench", total=total)
+
+        def progress(message: str, steps: int) -> None:
+            bar.update(task, description=message, advance=steps)
+
+        results = run_bench(config, progress)
+    rec = results["recommendation"]
+    stdout = Console()
+    stdout.print(Markdown((out / "report.md").read_text()))
+    stdout.print(f"\nwrote {out}/results.json, results.csv, report.md, pareto.png")
+    if not rec["recommended"]:
+        raise typer.Exit(1)

@@ -1,0 +1,115 @@
+"""Run Locust headless as a subprocess and read its exact totals.
+
+Locust is never imported here: it monkey-patches the process with gevent on import. Each
+run is bounded in time (``-t``, plus a hard subprocess timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from bench.locust_stats import load_entries
+from serve.errors import ModelpressError
+
+log = logging.getLogger(__name__)
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+_SLACK_S = 60.0  # start-up + shutdown allowance on top of the run time
+
+
+class LoadError(ModelpressError):
+    """Locust could not run or wrote no results."""
+
+
+@dataclass
+class LoadSpec:
+    """One Locust run.
+
+    Attributes:
+        mode: ``closed`` (N users back to back) or ``open`` (fixed arrival rate).
+        users: Concurrent users (closed) or load-generating users (open).
+        duration_s: Run time.
+        rate: Open loop: total arrival rate in requests/s.
+        processes: Locust worker processes (``--processes``; None = one process).
+    """
+
+    mode: Literal["closed", "open"]
+    users: int
+    duration_s: float
+    rate: float | None = None
+    processes: int | None = None
+
+    @property
+    def label(self) -> str:
+        """Short name of the load level, e.g. ``8 users`` or ``5 req/s``."""
+        if self.mode == "open":
+            return f"{self.rate:g} req/s"
+        return f"{self.users} user" + ("s" if self.users != 1 else "")
+
+
+def locust_command() -> list[str]:
+    """The ``locust`` executable next to this Python, else ``python -m locust``."""
+    exe = Path(sys.executable).with_name("locust")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("locust")
+    return [found] if found else [sys.executable, "-m", "locust"]
+
+
+def run_locust(spec: LoadSpec, host: str, inputs: Path, task: str, work_dir: Path,
+               max_new_tokens: int = 32) -> list[dict[str, Any]]:
+    """Run one headless Locust load level against ``host``.
+
+    Args:
+        spec: The load level.
+        host: Base URL of the server.
+        inputs: JSONL of ``{"text": ...}`` lines replayed by the users.
+        task: ``text-classification`` or ``text-generation``.
+        work_dir: Where the JSON stats and the Locust log go.
+        max_new_tokens: Generation length per request.
+
+    Returns:
+        Locust's stats entries (see ``bench.locust_stats``).
+
+    Raises:
+        LoadError: Locust failed or wrote no stats (with its log tail).
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    stem = work_dir / f"locust-{spec.mode}-{spec.users}u-{spec.rate or 0:g}r-{os.getpid()}"
+    json_file = stem.with_suffix(".json")
+    json_file.unlink(missing_ok=True)
+    user_class = "OpenLoopUser" if spec.mode == "open" else "ClosedLoopUser"
+    cmd = [*locust_command(), "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+           "-u", str(spec.users), "-r", str(spec.users), "-t", f"{spec.duration_s:g}s",
+           "--host", host, "--json-file", str(stem), "--loglevel", "WARNING",
+           "--exit-code-on-error", "0"]
+    if spec.processes and spec.processes > 1:
+        cmd += ["--processes", str(spec.processes)]
+    cmd.append(user_class)
+    env = {**os.environ, "MODELPRESS_BENCH_INPUTS": str(inputs), "MODELPRESS_BENCH_TASK": task,
+           "MODELPRESS_BENCH_MAX_NEW_TOKENS": str(max_new_tokens)}
+    if spec.mode == "open":
+        if not spec.rate or spec.rate <= 0:
+            raise LoadError(f"open loop needs a positive rate, got {spec.rate}")
+        env["MODELPRESS_BENCH_USER_RATE"] = str(spec.rate / spec.users)
+    log.info("locust %s", " ".join(cmd))
+    log_path = stem.with_suffix(".log")
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = proc.wait(timeout=spec.duration_s + _SLACK_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+            raise LoadError(f"locust ran past {spec.duration_s + _SLACK_S:.0f} s and was "
+                            f"stopped; log {log_path}") from None
+    if code != 0 or not json_file.exists():
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise LoadError(f"locust exited with code {code} ({spec.label}); log {log_path}:\n{tail}")
+    return load_entries(json_file)

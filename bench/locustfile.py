@@ -1,0 +1,159 @@
+"""Locust users that replay real eval inputs against a modelpress server.
+
+Run only as a subprocess (``locust -f bench/locustfile.py --headless ...``): Locust
+monkey-patches the process with gevent on import. This file imports nothing from
+modelpress; the harness (``bench/run.py``) passes everything through environment variables:
+
+* ``MODELPRESS_BENCH_INPUTS``: JSONL file, one ``{"text": ...}`` per line (the eval inputs).
+* ``MODELPRESS_BENCH_TASK``: ``text-classification`` or ``text-generation``.
+* ``MODELPRESS_BENCH_MAX_NEW_TOKENS``: generation length (default 32).
+* ``MODELPRESS_BENCH_USER_RATE``: open loop only, arrival rate in requests/s of each user
+  (the harness divides the total rate by the user count).
+
+User classes (pick one by name on the command line):
+
+* ``ClosedLoopUser``: each user sends its next request as soon as the previous one
+  returns (N users = N requests in flight). A slow server slows the senders down, so it
+  is measured at the load it can take — the "coordinated omission" of closed loops.
+* ``OpenLoopUser``: requests leave on a fixed schedule (``i / rate`` seconds after the
+  start), each in its own greenlet, whether or not earlier ones have returned. A slow
+  server then builds a queue and its latency grows, as it would with real clients.
+  Each request's latency is also recorded from its *scheduled* send time
+  (``... [from schedule]``), so a lagging load generator cannot hide queueing either.
+
+Generation requests stream (SSE) and record extra Locust entries: ``TTFT`` (time to
+first token), ``ITL`` (each inter-token gap) and ``tokens`` (response time = whole
+stream, response length = number of streamed tokens, so tokens/s = length / time).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+
+import gevent
+from locust import FastHttpUser, constant, events, task
+
+TASK = os.environ.get("MODELPRESS_BENCH_TASK", "text-classification")
+MAX_NEW_TOKENS = int(os.environ.get("MODELPRESS_BENCH_MAX_NEW_TOKENS", "32"))
+USER_RATE = float(os.environ.get("MODELPRESS_BENCH_USER_RATE", "1") or 1)
+
+
+def _load_inputs() -> list[str]:
+    path = os.environ.get("MODELPRESS_BENCH_INPUTS")
+    if not path:
+        return ["a quiet, moving film", "the plot never comes together"]
+    with open(path, encoding="utf-8") as fh:
+        texts = [json.loads(line)["text"] for line in fh if line.strip()]
+    if not texts:
+        raise SystemExit(f"{path}: no inputs")
+    return texts
+
+
+INPUTS = _load_inputs()
+_cursor = itertools.count()
+
+
+def _next_input() -> str:
+    return INPUTS[next(_cursor) % len(INPUTS)]
+
+
+def _fire(name: str, response_time_ms: float, length: int = 0, kind: str = "SSE") -> None:
+    events.request.fire(request_type=kind, name=name, response_time=response_time_ms,
+                        response_length=length, exception=None, context={})
+
+
+def _check_classify(resp) -> None:
+    if resp.status_code != 200:
+        resp.failure(f"HTTP {resp.status_code}: {resp.text[:200] if resp.text else ''}")
+        return
+    try:
+        results = resp.json()["results"]
+        ok = (len(results) == 1 and isinstance(results[0]["label"], str) and results[0]["label"]
+              and isinstance(results[0]["score"], float | int))
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        resp.failure(f"bad response body: {exc!r}")
+        return
+    if not ok:
+        resp.failure(f"bad response body: {resp.text[:200]}")
+
+
+def classify(client, name: str = "/classify") -> None:
+    """One ``POST /classify`` with a single eval text, checked for status and schema."""
+    with client.post("/classify", json={"texts": [_next_input()]}, name=name,
+                     catch_response=True) as resp:
+        _check_classify(resp)
+
+
+def generate_stream(client, name: str = "/generate [stream]") -> None:
+    """One streamed ``POST /generate``; records TTFT, ITL and tokens next to the request."""
+    body = {"prompts": [_next_input()], "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0,
+            "stream": True}
+    start = time.perf_counter()
+    with client.post("/generate", json=body, name=name, stream=True,
+                     catch_response=True) as resp:
+        if resp.status_code != 200:
+            resp.failure(f"HTTP {resp.status_code}")
+            return
+        arrivals, done = [], False
+        raw = resp._response  # geventhttpclient response: readline returns each line as it lands
+        try:
+            while line := raw.readline(b"\n"):
+                data = line.decode("utf-8").strip()
+                if not data.startswith("data:"):
+                    continue
+                data = data.removeprefix("data:").strip()
+                if data == "[DONE]":
+                    done = True
+                else:
+                    json.loads(data)["text"]
+                    arrivals.append(time.perf_counter())
+        except (ValueError, KeyError, TypeError) as exc:
+            resp.failure(f"bad SSE event: {exc!r}")
+            return
+        total_ms = (time.perf_counter() - start) * 1000
+        resp.request_meta["response_time"] = total_ms
+        if not done or not arrivals:
+            resp.failure("stream ended without tokens or without [DONE]")
+            return
+        _fire("TTFT", (arrivals[0] - start) * 1000)
+        for prev, cur in itertools.pairwise(arrivals):
+            _fire("ITL", (cur - prev) * 1000)
+        _fire("tokens", total_ms, len(arrivals))
+
+
+_REQUEST = generate_stream if TASK == "text-generation" else classify
+
+
+class ClosedLoopUser(FastHttpUser):
+    """Back-to-back requests: each user waits for its response before sending again."""
+
+    wait_time = constant(0)
+
+    @task
+    def request(self) -> None:
+        """Send one request of the artifact's task."""
+        _REQUEST(self.client)
+
+
+class OpenLoopUser(FastHttpUser):
+    """Requests on a fixed arrival schedule, independent of responses (open loop)."""
+
+    wait_time = constant(0)
+    concurrency = 256  # connections this user may hold open at once (queued requests)
+
+    @task
+    def request(self) -> None:
+        """Send requests at ``USER_RATE`` per second until Locust stops the user."""
+        interval = 1.0 / USER_RATE
+        start = time.perf_counter()
+        for i in itertools.count():
+            due = start + i * interval
+            gevent.sleep(max(0.0, due - time.perf_counter()))
+            gevent.spawn(self._scheduled, due)
+
+    def _scheduled(self, due: float) -> None:
+        _REQUEST(self.client)
+        _fire("from schedule", (time.perf_counter() - due) * 1000, kind="SCHEDULE")

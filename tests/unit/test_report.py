@@ -1,0 +1,193 @@
+"""Bench report logic on fixed result tables: SLO parsing, recommendation, Pareto front,
+Locust histogram totals, and the four output files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+
+import pytest
+
+from bench.locust_stats import percentile, summarize
+from bench.recommend import SLOError, pareto_front, parse_slo, recommend
+from bench.report import write_report
+
+
+def level(label: str, p95: float, rps: float, failures: int = 0, requests: int = 100,
+          users: int = 8) -> dict:
+    return {"mode": "closed", "label": label, "users": users, "rate": None,
+            "requests": requests, "failures": failures, "failure_rate": failures / requests,
+            "duration_s": requests / rps, "rps": rps,
+            "latency_ms": {"p50": p95 / 2, "p90": p95 * 0.9, "p95": p95, "p99": p95 * 1.5,
+                           "max": p95 * 2, "mean": p95 / 2},
+            "ttft_ms": None, "itl_ms": None, "tokens_per_s": None, "schedule_latency_ms": None,
+            "spread": {"rps": {"min": rps * 0.9, "max": rps * 1.1, "n": 2},
+                       "p95_ms": {"min": p95 * 0.9, "max": p95 * 1.1, "n": 2}},
+            "repeats": []}
+
+
+def artifact(name: str, drop: float | None, loads: list[dict], size: int = 1000,
+             status: str = "ok", acc: float = 0.9) -> dict:
+    return {"name": name, "path": f"/a/{name}", "task": "text-classification",
+            "format": "onnx", "precision": "fp32", "bytes": size, "manifest_sha256": "0" * 64,
+            "status": status, "error": None if status == "ok" else "exited with code 1",
+            "ready_s": 2.0, "peak_rss_bytes": 5_000_000,
+            "accuracy": None if drop is None else {
+                "metric": "accuracy", "value": acc, "ci95": [acc - 0.02, acc + 0.02], "n": 200,
+                "higher_is_better": True, "metrics": {}, "drop": drop, "drop_ci95": None,
+                "agreement": 0.99},
+            "loads": loads}
+
+
+# --- SLO parsing ---------------------------------------------------------------------
+
+def test_parse_slo_units_and_clauses():
+    conds = parse_slo("p95<200ms, p99<=1.5s and failures<1%")
+    assert [(c.metric, c.op, c.threshold) for c in conds] == [
+        ("p95", "<", 200.0), ("p99", "<=", 1500.0), ("failures", "<", 0.01)]
+    assert parse_slo("ttft_p95 < 300")[0].threshold == 300.0
+    assert parse_slo("rps>=50")[0].op == ">="
+    assert parse_slo("") == [] and parse_slo(None) == []
+
+
+@pytest.mark.parametrize("bad", ["p95 under 200ms", "p42<200ms", "p95<200%", "rps>5ms", "<"])
+def test_parse_slo_rejects_bad_clauses(bad):
+    with pytest.raises(SLOError, match="--slo"):
+        parse_slo(bad)
+
+
+def test_condition_on_level():
+    cond = parse_slo("p95<200ms")[0]
+    assert cond.holds(level("8 users", 150, 10))
+    assert not cond.holds(level("8 users", 200, 10))  # strict
+    assert not parse_slo("ttft_p95<100")[0].holds(level("x", 10, 10))  # not measured
+
+
+# --- recommendation ------------------------------------------------------------------
+
+def test_recommends_fastest_variant_meeting_slo_and_accuracy():
+    arts = [
+        artifact("fp32", 0.0, [level("1 user", 80, 12), level("8 users", 260, 30)], 4000),
+        artifact("int8", 0.004, [level("1 user", 40, 25), level("8 users", 150, 55)], 1000),
+        artifact("int4", 0.03, [level("1 user", 20, 50), level("8 users", 90, 90)], 500),
+        artifact("slow", 0.0, [level("1 user", 300, 3)], 4000),
+    ]
+    rec = recommend(arts, parse_slo("p95<200ms"), max_accuracy_drop=0.01)
+    assert rec["recommended"] == "int8"
+    assert "55.0 req/s at 8 users" in rec["reason"]
+    assert "accuracy drop 0.0300 > allowed 0.0100" in rec["rejected"]["int4"]
+    assert "12.0 req/s (1 user)" in rec["rejected"]["fp32"]  # eligible, but less throughput
+    assert "misses the SLO at every load level" in rec["rejected"]["slow"]
+    assert "p95 300 ms" in rec["rejected"]["slow"]
+
+
+def test_without_accuracy_gate_the_fastest_wins():
+    arts = [artifact("int8", 0.004, [level("8 users", 150, 55)]),
+            artifact("int4", 0.03, [level("8 users", 90, 90)])]
+    assert recommend(arts, parse_slo("p95<200ms"), None)["recommended"] == "int4"
+
+
+def test_no_variant_meets_slo():
+    arts = [artifact("a", 0.0, [level("8 users", 500, 10)]),
+            artifact("b", 0.0, [level("8 users", 400, 12)])]
+    rec = recommend(arts, parse_slo("p95<200ms"), 0.01)
+    assert rec["recommended"] is None and set(rec["rejected"]) == {"a", "b"}
+
+
+def test_failed_server_and_failures_reject():
+    arts = [artifact("down", None, [], status="failed"),
+            artifact("errs", 0.0, [level("8 users", 50, 80, failures=10)]),
+            artifact("ok", 0.0, [level("8 users", 120, 20)])]
+    rec = recommend(arts, parse_slo("p95<200ms"), 0.01)
+    assert rec["recommended"] == "ok"
+    assert rec["rejected"]["down"].startswith("server failed")
+    assert "failures 10.0% > 1.0%" in rec["rejected"]["errs"]
+
+
+def test_unmeasured_accuracy_is_rejected_when_others_were_measured():
+    arts = [artifact("measured", 0.0, [level("1 user", 100, 10)]),
+            artifact("unmeasured", None, [level("1 user", 50, 20)])]
+    rec = recommend(arts, parse_slo("p95<200ms"), 0.01)
+    assert rec["recommended"] == "measured"
+    assert rec["rejected"]["unmeasured"] == "accuracy not measured"
+
+
+def test_equal_throughput_prefers_smaller_drop_then_fewer_bytes():
+    arts = [artifact("big", 0.002, [level("1 user", 100, 10)], size=9000),
+            artifact("small", 0.002, [level("1 user", 100, 10)], size=1000),
+            artifact("worse", 0.005, [level("1 user", 100, 10)], size=10)]
+    assert recommend(arts, [], 0.01)["recommended"] == "small"
+
+
+# --- Pareto front and percentiles ---------------------------------------------------
+
+def test_pareto_front():
+    # (latency, accuracy): C is dominated by B (faster, as accurate); E equals nobody.
+    points = [(100, 0.90), (50, 0.88), (60, 0.88), (200, 0.91), (30, 0.70)]
+    assert pareto_front(points) == [4, 1, 0, 3]
+
+
+def test_percentile_nearest_rank():
+    hist = Counter({10: 50, 20: 45, 300: 4, 900: 1})  # 100 samples
+    assert percentile(hist, 0.50) == 10
+    assert percentile(hist, 0.95) == 20
+    assert percentile(hist, 0.99) == 300
+    assert percentile(hist, 1.0) == 900
+    assert percentile(Counter(), 0.5) is None
+
+
+def _entry(method, name, times: dict, failures=0, start=0.0, end=10.0, length=0):
+    n = sum(times.values())
+    return {"method": method, "name": name, "num_requests": n, "num_failures": failures,
+            "num_none_requests": 0, "response_times": times,
+            "total_response_time": sum(k * v for k, v in times.items()),
+            "max_response_time": max(times), "min_response_time": min(times),
+            "total_content_length": length, "start_time": start,
+            "last_request_timestamp": end}
+
+
+def test_summarize_merges_repeats_exactly():
+    run1 = [_entry("POST", "/generate [stream]", {100: 9, 400: 1}, failures=1, end=5.0),
+            _entry("SSE", "TTFT", {20: 10}, end=5.0),
+            _entry("SSE", "tokens", {100: 10}, end=5.0, length=80)]
+    run2 = [_entry("POST", "/generate [stream]", {100: 10}, end=5.0),
+            _entry("SSE", "TTFT", {30: 10}, end=5.0),
+            _entry("SSE", "tokens", {100: 10}, end=5.0, length=120)]
+    total = summarize([run1, run2])
+    assert total["requests"] == 20 and total["failures"] == 1  # TTFT/tokens not counted
+    assert total["duration_s"] == 10.0 and total["rps"] == 2.0
+    assert total["latency_ms"]["p95"] == 100 and total["latency_ms"]["max"] == 400
+    assert total["ttft_ms"]["p50"] == 20 and total["ttft_ms"]["p99"] == 30
+    assert total["tokens_per_s"] == 20.0  # (80 + 120) tokens / 10 s
+
+
+# --- output files --------------------------------------------------------------------
+
+def test_write_report_outputs(tmp_path):
+    arts = [artifact("fp32", 0.0, [level("1 user", 80, 12), level("8 users", 260, 30)], 4000),
+            artifact("int8", 0.004, [level("1 user", 40, 25), level("8 users", 150, 55)],
+                     1000, acc=0.896),
+            artifact("down", None, [], status="failed")]
+    results = {"schema_version": 1, "created_at": "2025-01-01T00:00:00Z", "environment": {},
+               "config": {"slo": "p95<200ms", "max_accuracy_drop": 0.01, "reference": "fp32",
+                          "duration_s": 30.0, "warmup_s": 10.0, "repeats": 2},
+               "artifacts": arts,
+               "recommendation": recommend(arts, parse_slo("p95<200ms"), 0.01)}
+    paths = write_report(results, tmp_path)
+    assert json.loads(paths["results.json"].read_text())["recommendation"]["recommended"] == (
+        "int8")
+    with open(paths["results.csv"]) as fh:
+        table = list(csv.DictReader(fh))
+    assert [(r["artifact"], r["level"]) for r in table] == [
+        ("fp32", "1 user"), ("fp32", "8 users"), ("int8", "1 user"), ("int8", "8 users"),
+        ("down", "")]
+    assert float(table[3]["p95_ms"]) == 150.0 and float(table[3]["rps"]) == 55.0
+    text = paths["report.md"].read_text()
+    assert "**Deploy `int8`**" in text and "`down` not chosen: server failed" in text
+    png = paths["pareto.png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(paths["pareto.png"])
+    assert image.shape[0] == 400 and image.shape[1] == 900  # 2 panels × 4.5 in × 100 dpi
