@@ -83,15 +83,33 @@ class DistillConfig(Strict):
 
     Attributes:
         student_layers: Number of transformer layers the student keeps.
-        strategy: Which teacher layers initialise the student.
-        layers: Explicit teacher layer indices (for ``strategy: explicit``).
+        strategy: Which teacher layers initialise the student: ``every-other`` (evenly
+            spread, last layer kept), ``first-k`` or ``explicit`` (``layers``).
+        layers: Explicit teacher layer indices, increasing (for ``strategy: explicit``).
         student_path: A user-given smaller model sharing the tokenizer, instead of slicing.
         temperature: Softmax temperature of the KD loss.
-        alpha: Weight of the KD loss (1 - alpha weights the label cross-entropy).
-        max_steps: Optimizer steps.
+        alpha: Weight of the KD loss (1 - alpha weights the label/next-token cross-entropy).
+        hidden_weight: Weight of the hidden-state MSE loss (0 turns it off).
+        hidden_layer_map: Teacher layer matched to each student layer by the MSE loss
+            (defaults to the teacher layers the student was cut from).
+        max_steps: Upper bound on optimizer steps.
+        max_epochs: Upper bound on passes over the training data.
         learning_rate: AdamW peak learning rate.
-        batch_size: Examples per step.
-        seed: Random seed.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: Fraction of the steps with linear warm-up (then linear decay to 0).
+        batch_size: Examples per micro-batch.
+        grad_accum_steps: Micro-batches per optimizer step.
+        max_length: Tokens per example (longer texts are truncated).
+        eval_every: Validate (and checkpoint) every this many optimizer steps.
+        patience: Stop after this many validations without improvement (None: never).
+        validation_fraction: Part of ``data.train`` held out for validation; 0 validates
+            on ``data.eval`` instead.
+        cache_teacher_logits: Compute the teacher's logits on the training set once and
+            reuse them every epoch (classification only).
+        max_metric_drop: Fail the stage when the student's metric is worse than the
+            teacher's by more than this (None: record only).
+        speed_batch_size: Batch size of the offline teacher/student speed measurement.
+        seed: Random seed (data order, dropout, held-out split).
     """
 
     kind: Literal["distill"] = "distill"
@@ -101,22 +119,63 @@ class DistillConfig(Strict):
     student_path: Path | None = None
     temperature: float = Field(default=2.0, gt=0)
     alpha: float = Field(default=0.5, ge=0, le=1)
+    hidden_weight: float = Field(default=0.0, ge=0)
+    hidden_layer_map: list[int] | None = None
     max_steps: int = Field(default=200, gt=0)
+    max_epochs: int | None = Field(default=None, gt=0)
     learning_rate: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
     batch_size: int = Field(default=16, gt=0)
+    grad_accum_steps: int = Field(default=1, gt=0)
+    max_length: int = Field(default=128, gt=1)
+    eval_every: int = Field(default=50, gt=0)
+    patience: int | None = Field(default=3, gt=0)
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
+    cache_teacher_logits: bool = False
+    max_metric_drop: float | None = Field(default=None, ge=0)
+    speed_batch_size: int = Field(default=32, gt=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_student(self) -> DistillConfig:
+        if self.strategy == "explicit" and self.layers is None and self.student_path is None:
+            raise ValueError("layers: required with strategy: explicit")
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("layers: must not be empty")
+            if any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)):
+                raise ValueError("layers: must be increasing without duplicates")
+            if self.student_layers is not None and self.student_layers != len(self.layers):
+                raise ValueError(f"student_layers: {self.student_layers} does not match the "
+                                 f"{len(self.layers)} entries of layers")
+        if self.student_layers is None and self.layers is None and self.student_path is None:
+            raise ValueError("student_layers: required (or layers, or student_path)")
+        return self
 
 
 StageConfig = Annotated[MergeConfig | DistillConfig, Field(discriminator="kind")]
 
 
 class ExportVariant(Strict):
-    """An ONNX export of the reference model."""
+    """An ONNX export of the reference model.
+
+    Attributes:
+        format: ``onnx`` (optimum-onnx, fp32/fp16) or ``onnx-genai`` (onnxruntime-genai
+            model builder, causal LMs only: fp32/int8/int4 on CPU, fp16/int4 on CUDA).
+        precision: Weight precision of the exported model.
+        device: Execution provider an ``onnx-genai`` model is built for.
+        block_size: Block size of int4 weights (``onnx-genai``, precision int4).
+        symmetric: Symmetric int4 quantization (``onnx-genai``, precision int4).
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     kind: Literal["export"] = "export"
-    format: Literal["onnx"] = "onnx"
-    precision: Literal["fp32", "fp16"] = "fp32"
+    format: Literal["onnx", "onnx-genai"] = "onnx"
+    precision: Literal["fp32", "fp16", "int8", "int4"] = "fp32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    block_size: int = Field(default=32, gt=0)
+    symmetric: bool = True
 
 
 class QuantizeVariant(Strict):

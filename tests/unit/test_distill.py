@@ -1,0 +1,261 @@
+"""Distillation: student construction, KD losses, early stopping, resume, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from compress.errors import InputError
+from compress.recipe import DistillConfig
+
+torch = pytest.importorskip("torch")
+
+POSITIVE = ["great", "good", "wonderful", "fun", "funny", "brilliant", "best"]
+NEGATIVE = ["bad", "terrible", "awful", "boring", "dull", "worst", "sad"]
+SUBJECTS = ["the movie", "this film", "the story", "the plot", "the music", "that scene"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Labelled sentences made of the tiny tokenizer's words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["positive", "negative"])
+        word = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+        adverb = rng.choice(["", "very ", "really ", "quite "])
+        rows.append({"text": f"{rng.choice(SUBJECTS)} was {adverb}{word}", "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def four_layer_teacher(tiny, task: str):
+    """A 4-layer version of the tiny model (same tokenizer), seeded."""
+    from compress.models import load_model, load_tokenizer
+
+    folder = tiny["bert"] if task == "text-classification" else tiny["llama"]
+    small = load_model(task, folder)
+    config = copy.deepcopy(small.config)
+    config.num_hidden_layers = 4
+    config.initializer_range = 0.3  # confident outputs, so KD has something to match
+    torch.manual_seed(0)
+    return type(small)(config).eval(), load_tokenizer(folder)
+
+
+def layer_state(model, prefix: str, index: int) -> dict:
+    start = f"{prefix}{index}."
+    return {k[len(start):]: v for k, v in model.state_dict().items() if k.startswith(start)}
+
+
+@pytest.mark.parametrize("task", ["text-classification", "text-generation"])
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"student_layers": 2}, [1, 3]),
+    ({"student_layers": 3, "strategy": "first-k"}, [0, 1, 2]),
+    ({"strategy": "explicit", "layers": [0, 3]}, [0, 3]),
+])
+def test_student_starts_as_the_chosen_teacher_layers(tiny, task, settings, expected):
+    from compress.stages.distill_student import build_student, layer_prefix
+
+    teacher, tokenizer = four_layer_teacher(tiny, task)
+    student, layer_map = build_student(DistillConfig(**settings), teacher, tokenizer, task,
+                                       "stages[1]")
+    assert layer_map == expected
+    assert student.config.num_hidden_layers == len(expected)
+    prefix = layer_prefix(teacher)
+    assert layer_prefix(student) == prefix
+    for j, t in enumerate(expected):
+        s_layer, t_layer = layer_state(student, prefix, j), layer_state(teacher, prefix, t)
+        assert s_layer.keys() == t_layer.keys() and s_layer
+        for name in s_layer:
+            assert torch.equal(s_layer[name], t_layer[name]), name
+    # Everything outside the layer list (embeddings, head, final norm) is copied too.
+    t_state = teacher.state_dict()
+    for key, value in student.state_dict().items():
+        if not key.startswith(prefix):
+            assert torch.equal(value, t_state[key]), key
+
+
+@pytest.mark.parametrize(("settings", "field"), [
+    ({"student_layers": 4}, "student_layers"),
+    ({"student_layers": 9}, "student_layers"),
+    ({"strategy": "explicit", "layers": [1, 4]}, "layers"),
+    ({"strategy": "explicit", "layers": [0, 1, 2, 3]}, "layers"),
+])
+def test_out_of_range_student_is_rejected(tiny, settings, field):
+    from compress.stages.distill_student import build_student
+
+    teacher, tokenizer = four_layer_teacher(tiny, "text-classification")
+    with pytest.raises(InputError, match=rf"stages\[1\]\.{field}"):
+        build_student(DistillConfig(**settings), teacher, tokenizer, "text-classification",
+                      "stages[1]")
+
+
+def test_recipe_level_student_checks():
+    with pytest.raises(ValueError, match="layers: must be increasing"):
+        DistillConfig(strategy="explicit", layers=[2, 1])
+    with pytest.raises(ValueError, match="student_layers: required"):
+        DistillConfig()
+
+
+def test_user_student_must_be_smaller_and_share_the_tokenizer(tiny, tmp_path):
+    from compress.models import load_model, load_tokenizer
+    from compress.stages.distill_student import build_student
+    from compress.tiny import build_bert
+
+    task = "text-classification"
+    teacher, tokenizer = load_model(task, tiny["bert"]), load_tokenizer(tiny["bert"])
+    bigger, _ = four_layer_teacher(tiny, task)
+    bigger.save_pretrained(tmp_path / "big", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "big")
+    with pytest.raises(InputError, match=r"stages\[1\]\.student_path: .*not fewer than"):
+        build_student(DistillConfig(student_path=tmp_path / "big"), teacher, tokenizer, task,
+                      "stages[1]")
+
+    other = build_bert(tmp_path / "other")
+    with pytest.raises(InputError, match=r"student_path: .*tokenizer does not match"):
+        build_student(DistillConfig(student_path=other), teacher,
+                      load_tokenizer(tiny["llama"]), task, "stages[1]")
+
+
+def encoded_rows(tokenizer, rows, task):
+    from compress.stages.distill_train import Encoded, encode
+
+    ids = encode(tokenizer, [r["text"] for r in rows], 32)
+    labels = ([0 if r["label"] == "negative" else 1 for r in rows]
+              if task == "text-classification" else None)
+    return Encoded(ids, labels)
+
+
+def fixed_kd_loss(student, teacher, data, pad_id, task, temperature=2.0):
+    from compress.stages.distill_train import collate, kd_loss
+
+    batch = collate(data, list(range(len(data))), pad_id)
+    batch.pop("labels", None)
+    with torch.no_grad():
+        s, t = student(**batch).logits, teacher(**batch).logits
+    if task == "text-generation":
+        mask = batch["attention_mask"].bool()
+        return kd_loss(s[:, :-1], t[:, :-1], temperature, mask[:, 1:] & mask[:, :-1]).item()
+    return kd_loss(s, t, temperature).item()
+
+
+def constant_validator(values):
+    from compress.stages.distill_train import Validator
+
+    sequence = iter(values)
+    return Validator("accuracy", True, lambda model: next(sequence))
+
+
+@pytest.mark.parametrize("task", ["text-classification", "text-generation"])
+def test_kd_steps_reduce_the_kd_loss(tiny, tmp_path, task):
+    from compress.stages.distill_student import build_student
+    from compress.stages.distill_train import train
+
+    teacher, tokenizer = four_layer_teacher(tiny, task)
+    config = DistillConfig(student_layers=1, strategy="first-k", alpha=1.0, max_steps=25,
+                           learning_rate=3e-3, batch_size=8, eval_every=100, patience=None,
+                           warmup_ratio=0.0)
+    student, _ = build_student(config, teacher, tokenizer, task, "stages[1]")
+    data = encoded_rows(tokenizer, sentiment_rows(16), task)
+    pad = tokenizer.pad_token_id
+    before = fixed_kd_loss(student, teacher, data, pad, task)
+    outcome = train(student, teacher, data, constant_validator([0.1, 0.2]), config, task=task,
+                    pad_id=pad, checkpoint_dir=tmp_path / "ckpt")
+    after = fixed_kd_loss(student, teacher, data, pad, task)
+    assert outcome.steps == 25
+    assert outcome.best_step == 25
+    assert after < 0.7 * before, (before, after)
+    assert (tmp_path / "ckpt" / "last.pt").is_file()
+
+
+def test_early_stopping_keeps_the_best_step(tiny, tmp_path):
+    from compress.stages.distill_student import build_student
+    from compress.stages.distill_train import train
+
+    task = "text-classification"
+    teacher, tokenizer = four_layer_teacher(tiny, task)
+    config = DistillConfig(student_layers=2, max_steps=50, eval_every=1, patience=2,
+                           learning_rate=1e-3, batch_size=4)
+    student, _ = build_student(config, teacher, tokenizer, task, "stages[1]")
+    data = encoded_rows(tokenizer, sentiment_rows(16), task)
+    snapshots = {}
+    outcome = train(student, teacher, data, constant_validator([0.5, 0.7, 0.6, 0.7, 0.9]),
+                    config, task=task, pad_id=tokenizer.pad_token_id,
+                    checkpoint_dir=tmp_path / "ckpt",
+                    on_step=lambda step: snapshots.setdefault(step, copy.deepcopy(
+                        student.state_dict())))
+    assert outcome.stopped_early
+    assert outcome.steps == 3  # step 0: 0.5, step 1: 0.7 (best), steps 2-3: no gain
+    assert outcome.best_step == 1 and outcome.best_value == 0.7
+    assert [c["step"] for c in outcome.curve] == [0, 1, 2, 3]
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, snapshots[1][name]), name
+    assert not torch.equal(snapshots[1]["classifier.weight"], snapshots[3]["classifier.weight"])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny, tmp_path):
+    from compress.stages.distill_student import build_student
+    from compress.stages.distill_train import train
+
+    task = "text-classification"
+    teacher, tokenizer = four_layer_teacher(tiny, task)
+    # Dropout on, gradient accumulation and several epochs: all must be restored exactly.
+    config = DistillConfig(student_layers=2, max_steps=10, eval_every=3, patience=None,
+                           learning_rate=1e-3, batch_size=4, grad_accum_steps=2, seed=7,
+                           hidden_weight=0.5)
+    data = encoded_rows(tokenizer, sentiment_rows(20), task)
+    pad = tokenizer.pad_token_id
+
+    improving = constant_validator(range(100))  # shared: every validation is a new best
+
+    def run(folder, on_step=None):
+        student, layer_map = build_student(config, teacher, tokenizer, task, "stages[1]")
+        outcome = train(student, teacher, data, improving, config, task=task, pad_id=pad,
+                        checkpoint_dir=folder, hidden_map=layer_map, on_step=on_step)
+        return student, outcome
+
+    reference, full = run(tmp_path / "a")
+    assert full.resumed_from_step is None and full.steps == 10
+
+    def interrupt(step):
+        if step == 7:
+            raise Interrupted
+    with pytest.raises(Interrupted):
+        run(tmp_path / "b", interrupt)
+    resumed, outcome = run(tmp_path / "b")
+    assert outcome.resumed_from_step == 6  # the last checkpoint before the interruption
+    assert outcome.steps == 10
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert [c["step"] for c in outcome.curve] == [0, 3, 6, 9, 10]
+
+
+def test_losses_mask_padding():
+    from compress.stages.distill_train import kd_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    s_noisy = s.clone()
+    s_noisy[0, 3:] = 100.0  # padding positions must not matter
+    assert kd_loss(s, t, 2.0, mask).item() == pytest.approx(kd_loss(s_noisy, t, 2.0, mask).item())
+    assert kd_loss(t, t, 2.0, mask).item() == pytest.approx(0.0, abs=1e-6)
