@@ -134,21 +134,23 @@ def level_verdict(level: dict[str, Any], slo: list[Condition],
 
 
 def recommend(artifacts: list[dict[str, Any]], slo: list[Condition],
-              max_accuracy_drop: float | None, max_failure_rate: float = 0.01
-              ) -> dict[str, Any]:
+              max_accuracy_drop: float | None, max_failure_rate: float = 0.01,
+              tie_margin: float = 0.05) -> dict[str, Any]:
     """Pick the variant to deploy and say why each other one was not picked.
 
     Eligible: the server ran, the accuracy drop vs the reference is within
     ``max_accuracy_drop`` (when accuracy was measured), and at least one load level meets
     every SLO clause with at most ``max_failure_rate`` failures. Among eligible variants the
-    one with the highest throughput at a load level meeting the SLO wins; ties go to the
-    smaller accuracy drop, then the fewer bytes.
+    one with the highest throughput at a load level meeting the SLO wins; throughputs within
+    ``tie_margin`` of the best count as a tie, broken by the smaller accuracy drop, then the
+    fewer bytes.
 
     Args:
         artifacts: ``results.json["artifacts"]`` entries.
         slo: Parsed SLO conditions (empty: every level with few enough failures meets it).
         max_accuracy_drop: Largest allowed accuracy drop vs the reference (None: no gate).
         max_failure_rate: Largest failure fraction a level may have to count as meeting.
+        tie_margin: Relative throughput difference treated as noise.
 
     Returns:
         ``{"recommended": name | None, "reason": str, "rejected": {name: reason},
@@ -180,18 +182,27 @@ def recommend(artifacts: list[dict[str, Any]], slo: list[Condition],
         best = max(meeting, key=lambda lvl: lvl.get("rps") or 0.0)
         eligible.append({"name": name, "rps": best.get("rps") or 0.0, "level": best["label"],
                          "drop": drop, "bytes": art.get("bytes") or 0})
-    eligible.sort(key=lambda e: (-e["rps"], e["drop"] if e["drop"] is not None else 0.0,
-                                 e["bytes"]))
     if not eligible:
         return {"recommended": None, "reason": "no variant meets the SLO and the accuracy gate",
                 "rejected": rejected, "eligible": []}
+    # Throughputs within `tie_margin` of the best are a tie (run-to-run noise is that
+    # large): among those the smaller accuracy drop, then the smaller artifact, wins.
+    fastest = max(e["rps"] for e in eligible)
+    eligible.sort(key=lambda e: (e["rps"] < fastest * (1 - tie_margin),
+                                 e["drop"] if e["drop"] is not None else 0.0, e["bytes"],
+                                 -e["rps"]))
     top = eligible[0]
     for other in eligible[1:]:
-        rejected[other["name"]] = (
-            f"meets the SLO and accuracy gate but serves less: {other['rps']:.1f} req/s "
-            f"({other['level']}) vs {top['rps']:.1f} req/s for {top['name']}")
+        if other["rps"] < fastest * (1 - tie_margin):
+            why = (f"serves less: {other['rps']:.1f} req/s ({other['level']}) vs "
+                   f"{top['rps']:.1f} req/s for {top['name']}")
+        else:
+            why = (f"throughput within {tie_margin:.0%} of {top['name']}, which ranks first "
+                   "on accuracy drop, then size, then throughput")
+        rejected[other["name"]] = f"meets the SLO and accuracy gate but {why}"
     drop_text = f", accuracy drop {top['drop']:.4f}" if top["drop"] is not None else ""
-    reason = (f"highest throughput within the SLO: {top['rps']:.1f} req/s at {top['level']}"
+    reason = (f"highest throughput within the SLO (ties within {tie_margin:.0%} go to the "
+              f"smaller drop, then size): {top['rps']:.1f} req/s at {top['level']}"
               f"{drop_text}, {top['bytes']} bytes")
     return {"recommended": top["name"], "reason": reason, "rejected": rejected,
             "eligible": eligible}

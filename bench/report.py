@@ -182,7 +182,7 @@ def plot_pareto(results: dict[str, Any], path: Path) -> None:
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
             front = [points[i] for i in pareto_front(points)]
             fx, fy = zip(*front, strict=True)
-            ax.step(fx, fy, where="post", color="tab:red", label="Pareto front")
+            ax.step(fx, fy, where="post", color="tab:red", marker="x", label="Pareto front")
             ax.legend(loc="lower right", fontsize=8)
         ax.set_title(label)
         ax.set_xlabel("p95 latency (ms)")

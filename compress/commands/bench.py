@@ -64,8 +64,8 @@ def command(
     """Load-test each artifact's server with Locust, score it, and recommend one."""
     from rich.console import Console
     from rich.logging import RichHandler
-    from rich.markdown import Markdown
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
 
     from bench.run import BenchConfig, run_bench
 
@@ -91,7 +91,32 @@ def command(
         results = run_bench(config, progress)
     rec = results["recommendation"]
     stdout = Console()
-    stdout.print(Markdown((out / "report.md").read_text()))
-    stdout.print(f"\nwrote {out}/results.json, results.csv, report.md, pareto.png")
+    table = Table(title="modelpress bench")
+    for column in ("artifact", "level", "requests", "failures", "req/s", "p50 ms", "p95 ms",
+                   "p99 ms", "accuracy", "drop"):
+        table.add_column(column)
+    for art in results["artifacts"]:
+        acc = art.get("accuracy") or {}
+        cells = [f"{acc['value']:.4f}" if acc.get("value") is not None else "–",
+                 f"{acc['drop']:.4f}" if acc.get("drop") is not None else "–"]
+        if not art["loads"]:
+            table.add_row(art["name"], art["status"], "", "", "", "", "", "", *cells)
+        for level in art["loads"]:
+            lat = level.get("latency_ms") or {}
+            table.add_row(art["name"], level["label"], str(level["requests"]),
+                          str(level["failures"]), _fmt(level.get("rps")),
+                          *(_fmt(lat.get(k), 0) for k in ("p50", "p95", "p99")), *cells)
+    stdout.print(table)
+    if rec["recommended"]:
+        stdout.print(f"recommended: [bold]{rec['recommended']}[/bold] — {rec['reason']}")
+    else:
+        stdout.print(f"[bold]no recommendation[/bold] — {rec['reason']}")
+    for name, why in rec["rejected"].items():
+        stdout.print(f"  {name}: {why}", markup=False, highlight=False)
+    stdout.print(f"wrote {out}/results.json, results.csv, report.md, pareto.png")
     if not rec["recommended"]:
         raise typer.Exit(1)
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"

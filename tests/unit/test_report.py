@@ -191,3 +191,13 @@ def test_write_report_outputs(tmp_path):
 
     image = matplotlib.image.imread(paths["pareto.png"])
     assert image.shape[0] == 400 and image.shape[1] == 900  # 2 panels × 4.5 in × 100 dpi
+
+
+def test_throughput_within_noise_goes_to_smaller_drop():
+    arts = [artifact("fast-lossy", 0.008, [level("8 users", 100, 100)], size=500),
+            artifact("near-exact", 0.001, [level("8 users", 100, 97)], size=4000),
+            artifact("slower", 0.0, [level("8 users", 100, 80)], size=4000)]
+    rec = recommend(arts, parse_slo("p95<200ms"), 0.01)
+    assert rec["recommended"] == "near-exact"
+    assert "within 5%" in rec["rejected"]["fast-lossy"]
+    assert "serves less: 80.0 req/s" in rec["rejected"]["slower"]
