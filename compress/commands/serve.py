@@ -1,8 +1,92 @@
-"""`modelpress serve` (not built yet)."""
+"""`modelpress serve ARTIFACT`: run a real ``bentoml serve`` of serve.service in the foreground."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
 
 from serve.errors import ModelpressError
 
 
-def command() -> None:
-    """Not available yet."""
-    raise ModelpressError("`modelpress serve` is not available in this version yet")
+def command(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder to serve.")],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 3000,
+    max_batch_size: Annotated[int, typer.Option(
+        help="Adaptive batching: largest batch (texts/prompts).")] = 32,
+    max_latency_ms: Annotated[int, typer.Option(
+        help="Adaptive batching: latency budget of a queued request (503 past it).")] = 10_000,
+    no_batching: Annotated[bool, typer.Option(
+        "--no-batching", help="Run each request alone (baseline).")] = False,
+    workers: Annotated[int, typer.Option(help="Worker processes (each loads the model).")] = 1,
+    max_concurrency: Annotated[int, typer.Option(
+        help="Requests in flight before answering 429.")] = 64,
+    max_items: Annotated[int, typer.Option(help="Texts/prompts per request.")] = 64,
+    max_input_tokens: Annotated[int, typer.Option(help="Tokens per text/prompt.")] = 512,
+    long_input: Annotated[str, typer.Option(
+        help="Inputs over --max-input-tokens: truncate or reject.")] = "truncate",
+    max_new_tokens: Annotated[int, typer.Option(
+        help="Cap on max_new_tokens / max_tokens.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+) -> None:
+    """Serve an artifact over HTTP (BentoML, adaptive batching) until Ctrl+C / SIGTERM."""
+    from pydantic import ValidationError
+    from rich.console import Console
+
+    from serve.artifact import load_artifact
+    from serve.launcher import spawn
+    from serve.schemas import Limits, ServeSettings
+
+    console = Console(stderr=True)
+    manifest = load_artifact(artifact).manifest  # hashes verified: a bad artifact stops here
+    try:
+        settings = ServeSettings(
+            artifact=str(artifact.resolve()), device=device, batching=not no_batching,
+            max_batch_size=max_batch_size, max_latency_ms=max_latency_ms, workers=workers,
+            access_log=access_log,
+            limits=Limits(max_items=max_items, max_input_tokens=max_input_tokens,
+                          long_input=long_input, max_new_tokens=max_new_tokens,
+                          max_concurrency=max_concurrency))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ModelpressError(f"--{str(err['loc'][-1]).replace('_', '-')}: "
+                              f"{err['msg']}") from None
+    process = spawn(settings, host, port)
+    stopping: list[Literal[True]] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stopping.append(True)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        batching = (f"adaptive batching max_batch_size={max_batch_size} "
+                    f"max_latency_ms={max_latency_ms}" if not no_batching else "no batching")
+        console.print(f"serving {manifest.name} ({manifest.task}, {manifest.format}/"
+                      f"{manifest.precision}) at http://{host}:{port} — {batching}, "
+                      f"pid {process.pid}; Ctrl+C to stop", highlight=False)
+        while process.poll() is None:
+            time.sleep(0.2)
+        code = process.returncode
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopping:
+        console.print("server stopped", highlight=False)
+        return
+    if code != 0:
+        raise ModelpressError(f"the server exited with code {code}; see its output above")

@@ -1,0 +1,278 @@
+"""The public HTTP surface of the service: ``/classify``, ``/generate``, ``/metadata``.
+
+The routes form a Starlette app mounted on the BentoML service. They validate requests
+themselves (strict parsing, limits, task check → 4xx ``{"error": ...}`` naming the field),
+then hand the model work to the service's batchable BentoML APIs through the service's
+own in-process client (``service.to_async``), so every request passes BentoML's adaptive
+batching dispatcher and shows up in its ``adaptive_batch_size`` histogram.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from serve.runtimes import GenerationParams
+from serve.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyResult,
+    GenerateItem,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateResult,
+    Limits,
+    RequestError,
+    check_max_new_tokens,
+    check_texts,
+    parse_body,
+)
+
+if TYPE_CHECKING:
+    from serve.service import Modelpress
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[Response]]
+_DONE = object()
+# Upper bound on special tokens a tokenizer adds (BOS, CLS/SEP): texts of fewer UTF-8 bytes
+# than the token limit minus this cannot exceed it, so they are never tokenized here.
+_SPECIALS = 4
+
+
+class Backend:
+    """What the routes need from the running service: limits, runtime, batched calls."""
+
+    def __init__(self, service: Modelpress, limits: Limits, workers: int) -> None:
+        self.service = service
+        self.limits = limits
+        self.runtime = service.runtime
+        self.task = service.runtime.manifest.task
+        self.cap = math.ceil(limits.max_concurrency / workers)
+        self.in_flight = 0
+
+    def require_task(self, endpoint: str, task: str, alternative: str) -> None:
+        """Refuse an endpoint the artifact's task cannot serve (400 naming both)."""
+        if self.task != task:
+            raise RequestError(f"{endpoint}: this artifact is a {self.task} model; "
+                               f"{endpoint} needs a {task} model (use {alternative})")
+
+    async def call(self, name: str, **kwargs: Any) -> Any:
+        """Call a batchable BentoML API of this service; map its failures to HTTP codes."""
+        from bentoml.exceptions import BentoMLException
+
+        try:
+            return await getattr(self.service.to_async, name)(**kwargs)
+        except BentoMLException as exc:
+            status = int(getattr(exc, "error_code", 500))
+            if status in (429, 503):
+                raise RequestError("server overloaded: the request could not be scheduled "
+                                   "within max_latency_ms; retry later", 503) from None
+            log.error("%s failed: %s", name, exc)
+            raise RequestError("internal error while running the model; see the server "
+                               "log", 500) from None
+
+    async def run_locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a runtime call in a thread, serialised with the batch calls."""
+        def locked() -> Any:
+            with self.service.lock:
+                return fn(*args)
+        return await anyio.to_thread.run_sync(locked)
+
+    async def fit(self, field: str, texts: list[str], keep: str) -> list[str]:
+        """Apply ``max_input_tokens`` to each text: truncate (head/tail) or reject (413)."""
+        limit = self.limits.max_input_tokens
+        out = list(texts)
+        for i, text in enumerate(texts):
+            if len(text.encode("utf-8")) + _SPECIALS <= limit:
+                continue
+            n = await self.run_locked(self.runtime.count_tokens, text)
+            if n <= limit:
+                continue
+            if self.limits.long_input == "reject":
+                raise RequestError(f"{field}[{i}]: {n} tokens, more than the limit of "
+                                   f"{limit}", 413)
+            out[i] = await self.run_locked(_truncate, self.runtime, text, limit, keep)
+        return out
+
+    async def generate(self, items: list[GenerateItem]) -> list[dict[str, Any]]:
+        """Generate through the batchable API."""
+        return await self.call("generate_batch", items=[i.model_dump() for i in items])
+
+    async def stream(self, item: GenerateItem) -> AsyncIterator[str]:
+        """Text deltas of one prompt; holds the model lock for the whole stream."""
+        params = to_params(item)
+        await anyio.to_thread.run_sync(self.service.lock.acquire)
+        gen = None
+        try:
+            gen = self.runtime.stream(item.prompt, params)
+            while (delta := await anyio.to_thread.run_sync(next, gen, _DONE)) is not _DONE:
+                yield delta
+        finally:
+            if gen is not None:
+                await anyio.to_thread.run_sync(gen.close)
+            self.service.lock.release()
+
+
+def _truncate(runtime: Any, text: str, limit: int, keep: str) -> str:
+    """Longest head (or tail) of ``text`` with at most ``limit`` tokens (binary search)."""
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        part = text[:mid] if keep == "head" else text[len(text) - mid:]
+        if runtime.count_tokens(part) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] if keep == "head" else text[len(text) - lo:]
+
+
+def to_params(item: GenerateItem) -> GenerationParams:
+    """Decoding settings of a queued item."""
+    return GenerationParams(max_new_tokens=item.max_new_tokens, temperature=item.temperature,
+                            top_p=item.top_p, stop=list(item.stop), seed=item.seed)
+
+
+def error_response(message: str, status: int) -> JSONResponse:
+    """The 4xx/5xx body every route answers: ``{"error": message}``."""
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """Read the body, stopping early (413) once it passes ``max_body_bytes``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise RequestError(f"body: {declared} bytes, more than the limit of "
+                           f"{limits.max_body_bytes}", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise RequestError(f"body: more than the limit of {limits.max_body_bytes} "
+                               "bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]:
+    """Wrap a route: concurrency cap (429), RequestError → 4xx, crash → 500, never down.
+
+    A streaming response keeps its slot until the stream ends.
+    """
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def route(request: Request) -> Response:
+            backend = get_backend()
+            if backend.in_flight >= backend.cap:
+                return error_response(f"too many requests in flight ({backend.cap}, "
+                                      "max_concurrency); retry later", 429)
+            backend.in_flight += 1
+            streaming = False
+            try:
+                response = await handler(request)
+                if isinstance(response, StreamingResponse):
+                    streaming = True
+                    response.body_iterator = _release_after(response.body_iterator, backend)
+                return response
+            except RequestError as exc:
+                return error_response(str(exc), exc.status)
+            except Exception:
+                log.exception("unexpected error in %s", request.url.path)
+                return error_response("internal error; see the server log", 500)
+            finally:
+                if not streaming:
+                    backend.in_flight -= 1
+        return route
+    return wrap
+
+
+async def _release_after(body: AsyncIterator[Any], backend: Backend) -> AsyncIterator[Any]:
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        backend.in_flight -= 1
+
+
+def sse(payload: Any) -> str:
+    """One server-sent event carrying JSON (or the literal ``[DONE]``)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Pass events through; a failure mid-stream becomes a final error event."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        log.exception("stream failed")
+        yield sse({"error": f"stream failed: {type(exc).__name__}"})
+
+
+def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
+    """A ``text/event-stream`` response."""
+    return StreamingResponse(sse_stream(events), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def build_routes(get_backend: Callable[[], Backend]) -> list:
+    """Routes for ``/classify``, ``/generate`` and ``/metadata``."""
+    from starlette.routing import Route
+
+    guard = endpoint(get_backend)
+
+    @guard
+    async def classify(request: Request) -> Response:
+        backend = get_backend()
+        req = parse_body(ClassifyRequest, await read_body(request, backend.limits),
+                         backend.limits)
+        backend.require_task("/classify", "text-classification", "/generate")
+        check_texts("texts", req.texts, backend.limits)
+        texts = await backend.fit("texts", req.texts, keep="head")
+        rows = await backend.call("classify_batch", texts=texts)
+        results = [ClassifyResult(label=r["label"], score=r["score"],
+                                  scores=r["scores"] if req.all_scores else None)
+                   for r in rows]
+        return JSONResponse(ClassifyResponse(results=results).model_dump())
+
+    @guard
+    async def generate(request: Request) -> Response:
+        backend = get_backend()
+        req = parse_body(GenerateRequest, await read_body(request, backend.limits),
+                         backend.limits)
+        backend.require_task("/generate", "text-generation", "/classify")
+        check_texts("prompts", req.prompts, backend.limits)
+        check_max_new_tokens("max_new_tokens", req.max_new_tokens, backend.limits)
+        if req.stream and len(req.prompts) != 1:
+            raise RequestError(f"prompts: streaming needs exactly one prompt, got "
+                               f"{len(req.prompts)}")
+        prompts = await backend.fit("prompts", req.prompts, keep="tail")
+        items = [GenerateItem(prompt=p, max_new_tokens=req.max_new_tokens,
+                              temperature=req.temperature, top_p=req.top_p, stop=req.stop,
+                              seed=req.seed) for p in prompts]
+        if req.stream:
+            async def events() -> AsyncIterator[str]:
+                async for delta in backend.stream(items[0]):
+                    yield sse({"text": delta})
+                yield sse("[DONE]")
+            return streaming_response(events())
+        rows = await backend.generate(items)
+        return JSONResponse(GenerateResponse(
+            results=[GenerateResult(**r) for r in rows]).model_dump())
+
+    async def metadata(request: Request) -> Response:
+        return JSONResponse(get_backend().service.metadata())
+
+    return [Route("/classify", classify, methods=["POST"]),
+            Route("/generate", generate, methods=["POST"]),
+            Route("/metadata", metadata, methods=["GET"])]
