@@ -53,6 +53,11 @@ class LoadSpec:
         return f"{self.users} user" + ("s" if self.users != 1 else "")
 
 
+def _stop_timeout(spec: LoadSpec) -> float:
+    """Seconds Locust lets requests in flight finish after the run time (then kills them)."""
+    return min(30.0, max(5.0, spec.duration_s))
+
+
 def locust_command() -> list[str]:
     """The ``locust`` executable next to this Python, else ``python -m locust``."""
     exe = Path(sys.executable).with_name("locust")
@@ -87,8 +92,8 @@ def run_locust(spec: LoadSpec, host: str, inputs: Path, task: str, work_dir: Pat
     user_class = "OpenLoopUser" if spec.mode == "open" else "ClosedLoopUser"
     cmd = [*locust_command(), "-f", str(LOCUSTFILE), "--headless", "--only-summary",
            "-u", str(spec.users), "-r", str(spec.users), "-t", f"{spec.duration_s:g}s",
-           "--host", host, "--json-file", str(stem), "--loglevel", "WARNING",
-           "--exit-code-on-error", "0"]
+           "--stop-timeout", f"{_stop_timeout(spec):g}", "--host", host, "--json-file",
+           str(stem), "--loglevel", "WARNING", "--exit-code-on-error", "0"]
     if spec.processes and spec.processes > 1:
         cmd += ["--processes", str(spec.processes)]
     cmd.append(user_class)
@@ -99,16 +104,17 @@ def run_locust(spec: LoadSpec, host: str, inputs: Path, task: str, work_dir: Pat
             raise LoadError(f"open loop needs a positive rate, got {spec.rate}")
         env["MODELPRESS_BENCH_USER_RATE"] = str(spec.rate / spec.users)
     log.info("locust %s", " ".join(cmd))
+    bound = spec.duration_s + _stop_timeout(spec) + _SLACK_S
     log_path = stem.with_suffix(".log")
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
-            code = proc.wait(timeout=spec.duration_s + _SLACK_S)
+            code = proc.wait(timeout=bound)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-            raise LoadError(f"locust ran past {spec.duration_s + _SLACK_S:.0f} s and was "
-                            f"stopped; log {log_path}") from None
+            raise LoadError(f"locust ran past {bound:.0f} s and was stopped; log {log_path}"
+                            ) from None
     if code != 0 or not json_file.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         raise LoadError(f"locust exited with code {code} ({spec.label}); log {log_path}:\n{tail}")

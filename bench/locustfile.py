@@ -21,6 +21,9 @@ User classes (pick one by name on the command line):
   Each request's latency is also recorded from its *scheduled* send time
   (``... [from schedule]``), so a lagging load generator cannot hide queueing either.
 
+The harness runs Locust with ``--stop-timeout``: at the end of a run every request in
+flight completes (a client that drops a stream mid-response is not what is measured).
+
 Generation requests stream (SSE) and record extra Locust entries: ``TTFT`` (time to
 first token), ``ITL`` (each inter-token gap) and ``tokens`` (response time = whole
 stream, response length = number of streamed tokens, so tokens/s = length / time).
@@ -34,7 +37,9 @@ import os
 import time
 
 import gevent
+import gevent.pool
 from locust import FastHttpUser, constant, events, task
+from locust.user.task import LOCUST_STATE_STOPPING
 
 TASK = os.environ.get("MODELPRESS_BENCH_TASK", "text-classification")
 MAX_NEW_TOKENS = int(os.environ.get("MODELPRESS_BENCH_MAX_NEW_TOKENS", "32"))
@@ -146,13 +151,25 @@ class OpenLoopUser(FastHttpUser):
 
     @task
     def request(self) -> None:
-        """Send requests at ``USER_RATE`` per second until Locust stops the user."""
+        """Send requests at ``USER_RATE`` per second until Locust stops the user.
+
+        On stop (Locust's ``--stop-timeout``) no new request leaves and the ones in flight
+        are awaited, so no stream is cut off mid-response.
+        """
         interval = 1.0 / USER_RATE
         start = time.perf_counter()
+        pending = gevent.pool.Group()
         for i in itertools.count():
             due = start + i * interval
-            gevent.sleep(max(0.0, due - time.perf_counter()))
-            gevent.spawn(self._scheduled, due)
+            while (wait := due - time.perf_counter()) > 0 and not self._stopping():
+                gevent.sleep(min(wait, 0.1))
+            if self._stopping():
+                break
+            pending.spawn(self._scheduled, due)
+        pending.join()
+
+    def _stopping(self) -> bool:
+        return self._state == LOCUST_STATE_STOPPING
 
     def _scheduled(self, due: float) -> None:
         _REQUEST(self.client)
