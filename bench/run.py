@@ -238,7 +238,6 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
     texts = ["a quiet, moving film", "the plot never comes together"]
     if config.data:
         from compress.data import load_examples
-
         from compress.recipe import DataFile
 
         spec = DataFile(path=config.data, text=config.text_field, label=config.label_field)

@@ -120,14 +120,15 @@ class ServerProcess:
         while time.monotonic() - start < timeout_s:
             if not self.alive():
                 raise ServerError(f"server exited with code {self._proc.returncode} before "
-                                  f"ready; log {self.log_path}:\n{self.log_tail()}")
+                                  f"ready: {self.log_tail(1)} (log {self.log_path})\n"
+                                  f"{self.log_tail()}")
             self._remember_tree()
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return time.monotonic() - start
             time.sleep(0.5)
-        raise ServerError(f"server not ready after {timeout_s:.0f} s; log {self.log_path}:\n"
-                          f"{self.log_tail()}")
+        raise ServerError(f"server not ready after {timeout_s:.0f} s: {self.log_tail(1)} "
+                          f"(log {self.log_path})\n{self.log_tail()}")
 
     def _remember_tree(self) -> None:
         for proc in _tree(self.pid):
