@@ -43,28 +43,19 @@ def _texts(examples: list[Any], task: str) -> list[str]:
     return [e.text for e in examples]
 
 
-def label_ids(examples: list[Any], label2id: dict[str, int], what: str) -> list[int]:
-    """Map dataset labels (names, or ids as strings) to the teacher's label ids.
+def label_ids(examples: list[Any], labels: list[str], what: str) -> list[int]:
+    """Map dataset labels to the teacher's label ids (names, case-insensitive, or ids).
 
     Raises:
-        InputError: A missing or unknown label, naming the field and example.
+        InputError: A row without a label (names the field), or an unknown label.
     """
-    names = sorted(label2id, key=label2id.get)
-    ids = []
+    from compress.data import map_labels
+
     for i, example in enumerate(examples):
-        label = example.label
-        if label is None:
-            raise InputError(f"{what}.label: example {i + 1} has no label; distilling a "
-                             "text-classification model needs labelled training data")
-        text = str(label).strip()
-        if text in label2id:
-            ids.append(label2id[text])
-        elif text.isdigit() and int(text) < len(names):
-            ids.append(int(text))
-        else:
-            raise InputError(f"{what}.label: {text!r} (example {i + 1}) is not one of the "
-                             f"teacher's labels {names}")
-    return ids
+        if example.label is None:
+            raise InputError(f"{what}.label: example {i + 1} ({example.source}) has no label; "
+                             "distilling a text-classification model needs labelled data")
+    return map_labels(examples, labels)
 
 
 def load_split(spec: DataFile | None, what: str) -> list[Any]:
@@ -102,8 +93,6 @@ def holdout(examples: list[Any], fraction: float, seed: int) -> tuple[list[Any],
 
 def make_validator(task: str, data: Encoded, pad_id: int, batch_size: int) -> Validator:
     """Validation metric on tokenized data: accuracy (classification) or perplexity (LM)."""
-    import math
-
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -125,19 +114,21 @@ def make_validator(task: str, data: Encoded, pad_id: int, batch_size: int) -> Va
 
         return Validator("accuracy", True, score)
 
-    def perplexity(model) -> float:
-        nll, count = 0.0, 0
+    from compress.evaluate import perplexity
+
+    def corpus_perplexity(model) -> float:
+        nll, count = [], []
         with torch.no_grad():
             for batch in batches():
                 logits = model(**batch).logits[:, :-1].float()
                 mask = batch["attention_mask"].bool()
                 valid = mask[:, 1:] & mask[:, :-1]
-                nll += F.cross_entropy(logits[valid], batch["input_ids"][:, 1:][valid],
-                                       reduction="sum").item()
-                count += int(valid.sum())
-        return math.exp(nll / max(count, 1))
+                nll.append(F.cross_entropy(logits[valid], batch["input_ids"][:, 1:][valid],
+                                           reduction="sum").item())
+                count.append(int(valid.sum()))
+        return perplexity(nll, count)
 
-    return Validator("perplexity", False, perplexity)
+    return Validator("perplexity", False, corpus_perplexity)
 
 
 def checkpoint_key(config: DistillConfig, src: Path, ctx: StageContext) -> str:
@@ -259,11 +250,12 @@ def distill(config: DistillConfig, src: Path, dst: Path, ctx: StageContext) -> S
     else:
         val_ex = load_split(recipe.data.eval, "data.eval")
         train_ex = examples
-    label2id = dict(teacher.config.label2id) if task == "text-classification" else {}
+    names = ([teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
+             if task == "text-classification" else [])
 
     def encoded(items: list[Any], what: str) -> Encoded:
         ids = encode(tokenizer, _texts(items, task), config.max_length)
-        labels = label_ids(items, label2id, what) if label2id else None
+        labels = label_ids(items, names, what) if names else None
         return Encoded(ids, labels)
 
     train_data = encoded(train_ex, "data.train")

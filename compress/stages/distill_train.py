@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ class TrainOutcome:
     resumed_from_step: int | None
     first_loss: float | None
     last_loss: float | None
+    seconds: float
     curve: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -229,7 +231,8 @@ def train(student, teacher, data: Encoded, validator: Validator, config: Distill
                                       checkpoint_dir)
 
     state = {"step": 0, "best_value": None, "best_step": 0, "bad_evals": 0, "curve": [],
-             "loss_sum": 0.0, "loss_count": 0, "first_loss": None, "last_loss": None}
+             "loss_sum": 0.0, "loss_count": 0, "first_loss": None, "last_loss": None,
+             "seconds": 0.0}
     resumed = None
     if (checkpoint_dir / CHECKPOINT).is_file():
         saved = torch.load(checkpoint_dir / CHECKPOINT)
@@ -242,6 +245,9 @@ def train(student, teacher, data: Encoded, validator: Validator, config: Distill
         log.info("distill: resuming from step %d (%s)", resumed, checkpoint_dir)
 
     def validate_and_checkpoint() -> None:
+        now = time.perf_counter()
+        state["seconds"] += now - clock[0]  # training time, summed over resumed runs
+        clock[0] = now
         value = float(validator.score(student))
         mean_loss = state["loss_sum"] / state["loss_count"] if state["loss_count"] else None
         state["curve"].append({"step": state["step"], "train_loss": mean_loss,
@@ -261,6 +267,7 @@ def train(student, teacher, data: Encoded, validator: Validator, config: Distill
     def stop_early() -> bool:
         return config.patience is not None and state["bad_evals"] >= config.patience
 
+    clock = [time.perf_counter()]
     bar = tqdm(total=total, initial=state["step"], desc="distill", unit="step")
     teacher.eval()
     if not state["curve"]:
@@ -317,4 +324,5 @@ def train(student, teacher, data: Encoded, validator: Validator, config: Distill
         steps=state["step"], epochs=round(epochs, 3), best_step=state["best_step"],
         best_value=state["best_value"], metric=validator.metric,
         stopped_early=stopped and state["step"] < total, resumed_from_step=resumed,
-        first_loss=state["first_loss"], last_loss=state["last_loss"], curve=state["curve"])
+        first_loss=state["first_loss"], last_loss=state["last_loss"],
+        seconds=round(state["seconds"], 2), curve=state["curve"])

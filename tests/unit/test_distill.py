@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from compress.errors import InputError
+from compress.errors import InputError, RecipeError
 from compress.recipe import DistillConfig
+from serve.errors import ModelpressError
 
 torch = pytest.importorskip("torch")
 
@@ -259,3 +260,89 @@ def test_losses_mask_padding():
     s_noisy[0, 3:] = 100.0  # padding positions must not matter
     assert kd_loss(s, t, 2.0, mask).item() == pytest.approx(kd_loss(s_noisy, t, 2.0, mask).item())
     assert kd_loss(t, t, 2.0, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def distill_recipe(tmp_path: Path, tiny, stage: str, train: str | None,
+                   label: str | None = "label") -> Path:
+    """A merge → distill recipe on the tiny BERT + LoRA with tiny sentiment data."""
+    write_jsonl(tmp_path / "train.jsonl", sentiment_rows(60, seed=1))
+    write_jsonl(tmp_path / "eval.jsonl", sentiment_rows(24, seed=2))
+    label_field = "null" if label is None else label
+    train_line = (f"  train: {{path: {train}, text: text, label: {label_field}}}\n"
+                  if train else "")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "name: tiny-distill\ntask: text-classification\n"
+        f"base: {{path: {tiny['bert']}}}\nadapters: [{{path: {tiny['bert-lora']}}}]\n"
+        f"data:\n{train_line}  eval: {{path: eval.jsonl, text: text, label: label}}\n"
+        f"stages: [{{kind: merge}}, {stage}]\n")
+    return path
+
+
+STAGE = ("{kind: distill, student_layers: 1, max_steps: 12, eval_every: 4, batch_size: 8, "
+         "learning_rate: 0.002, speed_batch_size: 8}")
+
+
+def test_distill_stage_writes_a_measured_student(tiny, tmp_path):
+    pytest.importorskip("compress.evaluate")
+    from compress.pipeline import run_recipe
+    from compress.recipe import load_recipe
+    from serve.artifact import load_artifact
+    from serve.runtimes import load_runtime
+
+    recipe = load_recipe(distill_recipe(tmp_path, tiny, STAGE, "train.jsonl"))
+    out = tmp_path / "out"
+    records = run_recipe(recipe, out)
+    assert [(r.name, r.status) for r in records] == [("merge", "built"), ("distill", "built")]
+    manifest = load_artifact(out / "distill").manifest
+    metrics = manifest.metrics
+    assert metrics["layer_map"] == [1]
+    assert metrics["student"]["layers"] == 1 and metrics["teacher"]["layers"] == 2
+    assert 0 < metrics["student"]["params"] < metrics["teacher"]["params"]
+    assert 0 < metrics["student"]["bytes"] < metrics["teacher"]["bytes"]
+    training = metrics["training"]
+    assert training["curve"][0]["step"] == 0 and training["steps"] <= 12
+    assert training["best_step"] in [c["step"] for c in training["curve"]]
+    assert metrics["speed"]["speed_ratio"] > 0 and metrics["speed"]["batch_size"] == 8
+    compared = metrics["eval"]
+    assert compared["metric"] == "accuracy" and compared["n"] == 24
+    for who in ("teacher", "student"):
+        lo, hi = compared[who]["ci95"]
+        assert lo <= compared[who]["value"] <= hi
+    assert not (out / ".distill-checkpoints").exists()  # removed once the stage succeeded
+
+    # The recorded agreement is what the served runtimes give on the eval texts.
+    texts = [json.loads(line)["text"] for line in (tmp_path / "eval.jsonl").open()]
+    teacher = [c.label for c in load_runtime(out / "merge", device="cpu").classify(texts)]
+    student = [c.label for c in load_runtime(out / "distill", device="cpu").classify(texts)]
+    agreement = sum(a == b for a, b in zip(teacher, student, strict=True)) / len(texts)
+    assert compared["agreement"] == pytest.approx(agreement)
+
+    again = run_recipe(load_recipe(tmp_path / "recipe.yaml"), out)
+    assert [r.status for r in again] == ["cached", "cached"]
+
+
+@pytest.mark.parametrize(("train", "label", "error", "message"), [
+    (None, "label", RecipeError, r"data\.train: the distill stage needs training data"),
+    ("empty.jsonl", "label", ModelpressError, r"empty\.jsonl"),
+    ("train.jsonl", None, InputError, r"data\.train\.label: .*needs labelled"),
+])
+def test_distill_stage_bad_training_data(tiny, tmp_path, train, label, error, message):
+    from compress.pipeline import run_recipe
+    from compress.recipe import load_recipe
+
+    (tmp_path / "empty.jsonl").write_text("")
+    recipe = load_recipe(distill_recipe(tmp_path, tiny, STAGE, train, label))
+    with pytest.raises(error, match=message):
+        run_recipe(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_stage_student_layers_out_of_range(tiny, tmp_path):
+    from compress.pipeline import run_recipe
+    from compress.recipe import load_recipe
+
+    stage = "{kind: distill, student_layers: 2}"
+    recipe = load_recipe(distill_recipe(tmp_path, tiny, stage, "train.jsonl"))
+    with pytest.raises(InputError, match=r"stages\[1\]\.student_layers: 2 is out of range"):
+        run_recipe(recipe, tmp_path / "out")
