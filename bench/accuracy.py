@@ -71,7 +71,7 @@ def http_predictions(url: str, task: str, texts: list[str], batch_size: int = 16
 
 
 def accuracy_pass(url: str, task: str, examples: list[Any], reference: Any | None = None,
-                  max_new_tokens: int = 32) -> tuple[dict[str, Any], Any]:
+                  max_new_tokens: int = 32) -> tuple[dict[str, Any] | None, Any]:
     """Score the served model on ``examples``.
 
     Args:
@@ -82,12 +82,18 @@ def accuracy_pass(url: str, task: str, examples: list[Any], reference: Any | Non
         max_new_tokens: Generation length.
 
     Returns:
-        ``(summary, predictions)``: summary has ``metric``, ``value``, ``ci95``, ``n``,
-        ``higher_is_better``, ``metrics``, and with a reference ``drop``, ``drop_ci95``,
-        ``agreement``; predictions can serve as the reference for later variants.
+        ``(summary, predictions)``, both None for generation data without answers
+        (perplexity data cannot be scored through HTTP). Summary has ``metric``,
+        ``value``, ``ci95``, ``n``, ``higher_is_better``, ``metrics``, and with a reference
+        ``drop``, ``drop_ci95``, ``agreement``; predictions can serve as the reference for
+        later variants.
     """
-    from compress.evaluate import score
+    from compress.evaluate import data_kind, score
 
+    if data_kind(task, examples) == "perplexity":
+        log.warning("accuracy not measured: perplexity needs token log-probs, which the HTTP "
+                    "API does not return; give --data a file with an 'answer' field")
+        return None, None
     preds = http_predictions(url, task, [e.text for e in examples],
                              max_new_tokens=max_new_tokens)
     scored = score(task, examples, preds, reference=reference)

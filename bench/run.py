@@ -196,7 +196,7 @@ def bench_artifact(config: BenchConfig, path: Path, name: str, examples: list | 
             entry["accuracy"], preds = accuracy_pass(
                 url, entry["task"], examples, None if is_reference else reference,
                 config.max_new_tokens)
-            if is_reference:
+            if is_reference and entry["accuracy"]:
                 entry["accuracy"].update(drop=0.0, agreement=1.0)
     except (ModelpressError, OSError) as exc:
         crashed = server is not None and entry["ready_s"] is not None and not server.alive()
@@ -240,7 +240,10 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
         from compress.data import load_examples
         from compress.recipe import DataFile
 
-        spec = DataFile(path=config.data, text=config.text_field, label=config.label_field)
+        fields = {"path": config.data, "text": config.text_field}
+        if config.label_field != "label":  # the default column may be absent (generation)
+            fields["label"] = config.label_field
+        spec = DataFile(**fields)
         examples = load_examples(spec, limit=config.eval_samples)
         texts = [e.text for e in examples]
     inputs = _write_inputs(texts, config.out / "runs" / "inputs.jsonl")
