@@ -346,3 +346,46 @@ def test_distill_stage_student_layers_out_of_range(tiny, tmp_path):
     recipe = load_recipe(distill_recipe(tmp_path, tiny, stage, "train.jsonl"))
     with pytest.raises(InputError, match=r"stages\[1\]\.student_layers: 2 is out of range"):
         run_recipe(recipe, tmp_path / "out")
+
+
+def test_distill_stage_causal_lm_on_plain_text(tiny, tmp_path):
+    from compress.pipeline import run_recipe
+    from compress.recipe import load_recipe
+    from serve.artifact import load_artifact
+
+    rows = [{"text": r["text"] + " and the music was " + random.Random(i).choice(POSITIVE)}
+            for i, r in enumerate(sentiment_rows(40, seed=3))]
+    write_jsonl(tmp_path / "train.jsonl", rows[:30])
+    write_jsonl(tmp_path / "eval.jsonl", rows[30:])
+    (tmp_path / "recipe.yaml").write_text(
+        "name: tiny-lm-distill\ntask: text-generation\n"
+        f"base: {{path: {tiny['llama']}}}\nadapters: [{{path: {tiny['llama-lora']}}}]\n"
+        "data:\n  train: {path: train.jsonl, text: text, label: null}\n"
+        "  eval: {path: eval.jsonl, text: text, label: null}\n"
+        "stages: [{kind: merge}, {kind: distill, student_layers: 1, max_steps: 6, "
+        "eval_every: 3, batch_size: 8, learning_rate: 0.003, hidden_weight: 0.1, "
+        "speed_batch_size: 4}]\n")
+    run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out")
+    metrics = load_artifact(tmp_path / "out" / "distill").manifest.metrics
+    assert metrics["layer_map"] == [1] and metrics["hidden_layer_map"] == [1]
+    compared = metrics["eval"]
+    assert compared["metric"] == "perplexity" and compared["n"] == 10
+    assert compared["teacher"]["value"] > 1 and compared["student"]["value"] > 1
+    assert 0 <= compared["agreement"] <= 1
+    curve = metrics["training"]["curve"]
+    assert [c["step"] for c in curve] == [0, 3, 6]
+    assert all(c["perplexity"] > 1 for c in curve)
+
+
+def test_teacher_logit_cache_is_classification_only(tiny, tmp_path):
+    from compress.recipe import Recipe
+    from compress.stages.base import StageContext
+    from compress.stages.distill import distill
+
+    recipe = Recipe(name="x", task="text-generation", base={"path": tiny["llama"]},
+                    stages=[{"kind": "merge"}, {"kind": "distill", "student_layers": 1,
+                                                 "cache_teacher_logits": True}],
+                    data={"train": {"path": write_jsonl(tmp_path / "t.jsonl",
+                                                        [{"text": "a b"}])}})
+    with pytest.raises(InputError, match=r"stages\[1\]\.cache_teacher_logits"):
+        distill(recipe.stages[1], tiny["llama"], tmp_path / "dst", StageContext(recipe, 1))
