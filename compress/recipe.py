@@ -176,6 +176,7 @@ class ExportVariant(Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     block_size: int = Field(default=32, gt=0)
     symmetric: bool = True
+    gates: Gates | None = None  # overrides the recipe's gates for this variant
 
 
 class QuantizeVariant(Strict):
@@ -187,6 +188,7 @@ class QuantizeVariant(Strict):
     block_size: int = Field(default=32, gt=0)
     symmetric: bool = True
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    gates: Gates | None = None  # overrides the recipe's gates for this variant
 
 
 Variant = Annotated[ExportVariant | QuantizeVariant, Field(discriminator="kind")]

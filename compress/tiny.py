@@ -83,8 +83,9 @@ def build_llama(dst: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tok = _tokenizer("llama")
+    # head size 16: onnxruntime-genai's GroupQueryAttention needs a multiple of 16.
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
                          max_position_embeddings=128, pad_token_id=0, bos_token_id=2,
                          eos_token_id=3, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
