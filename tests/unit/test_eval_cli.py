@@ -1,0 +1,107 @@
+"""`modelpress eval` on tiny torch artifacts: numbers equal a plain forward pass, results
+stored in the manifest (hashes still valid), bad data gives one clear error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from compress.models import copy_model_folder
+from serve.artifact import Manifest, load_artifact, write_manifest
+from tests.conftest import run_cli
+
+
+def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The real CLI entry point, in this process (saves the subprocess import time)."""
+    from compress.cli import main
+
+    monkeypatch.setattr("sys.argv", ["modelpress", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+TEXTS = ["the movie was great", "a boring plot", "i really hate this film", "wonderful music",
+         "the worst actor", "fun and funny", "dull , sad and bad", "brilliant story"]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    out = []
+    for name, src in (("base", tiny["bert"]), ("other", tiny["bert"])):
+        dst = root / name
+        dst.mkdir()
+        copy_model_folder(src, dst)
+        if name == "other":  # a different model: perturbed classifier head
+            from safetensors.torch import load_file, save_file
+
+            weights = load_file(dst / "model.safetensors")
+            weights["classifier.weight"] = weights["classifier.weight"].flip(0) * 3
+            save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+        write_manifest(dst, Manifest(name=name, task="text-classification", format="torch",
+                                     precision="fp32"))
+        out.append(dst)
+    return out
+
+
+def _plain_argmax(folder, texts):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        return np.array([int(model(**tok(t, return_tensors="pt")).logits.argmax()) for t in texts])
+
+
+def test_eval_cli_scores_and_records(artifacts, tmp_path):
+    base, other = artifacts
+    gold = ["positive", "negative", "negative", "positive"] * 2
+    data = tmp_path / "eval.csv"
+    data.write_text("sentence,sentiment\n" + "".join(f"{t},{g}\n" for t, g in
+                                                     zip(TEXTS, gold, strict=True)).replace(
+        " , ", " ; "))
+    proc = run_cli("eval", str(base), str(other), "--data", str(data), "--reference", str(base),
+                   "--text", "sentence", "--label", "sentiment", "--json")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    names = ["negative", "positive"]
+    gold_ids = np.array([names.index(g) for g in gold])
+    texts = [t.replace(" , ", " ; ") for t in TEXTS]
+    base_pred, other_pred = _plain_argmax(base, texts), _plain_argmax(other, texts)
+    r_base, r_other = results[str(base)], results[str(other)]
+    assert r_base["n"] == 8 and r_base["metric"] == "accuracy"
+    assert r_base["value"] == pytest.approx(np.mean(base_pred == gold_ids))
+    assert r_other["value"] == pytest.approx(np.mean(other_pred == gold_ids))
+    assert r_base["ci95"][0] <= r_base["value"] <= r_base["ci95"][1]
+    assert r_base["reference"]["agreement"] == 1.0 and r_base["reference"]["kl"] == 0.0
+    assert r_other["reference"]["agreement"] == pytest.approx(np.mean(base_pred == other_pred))
+    assert r_other["reference"]["kl"] > 0
+    assert r_other["reference"]["metric_drop"] == pytest.approx(
+        r_base["value"] - r_other["value"])
+    # stored in the manifest, file hashes still valid
+    stored = load_artifact(other, verify=True).manifest.eval["eval.csv"]
+    assert stored["value"] == r_other["value"] and stored["reference"] == r_other["reference"]
+    assert stored["data_sha256"] and stored["reference_artifact"] == str(base.resolve())
+
+
+def test_eval_cli_table_and_bad_data(artifacts, tmp_path, monkeypatch, capsys):
+    base, _ = artifacts
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"text": "fun", "label": "positive"}) + "\n"
+                    + json.dumps({"text": "meh", "label": "neutral"}) + "\n")
+    code, _, err = run_in_process(monkeypatch, capsys, "eval", str(base), "--data", str(data))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "bad.jsonl:2: field 'label': unknown label 'neutral'" in lines[0]
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"text": "fun", "label": "positive"}) + "\n")
+    code, out, err = run_in_process(monkeypatch, capsys, "eval", str(base), "--data", str(good),
+                                    "--no-save")
+    assert code == 0, err
+    acc = float(_plain_argmax(base, ["fun"])[0] == 1)
+    assert "accuracy" in out and "good.jsonl" in out and f"{acc:.4f} [{acc:.4f}, {acc:.4f}]" in out
+    assert "good.jsonl" not in load_artifact(base).manifest.eval
