@@ -105,3 +105,35 @@ def test_eval_cli_table_and_bad_data(artifacts, tmp_path, monkeypatch, capsys):
     acc = float(_plain_argmax(base, ["fun"])[0] == 1)
     assert "accuracy" in out and "good.jsonl" in out and f"{acc:.4f} [{acc:.4f}, {acc:.4f}]" in out
     assert "good.jsonl" not in load_artifact(base).manifest.eval
+
+
+@pytest.mark.parametrize("task,model", [("text-classification", "bert"),
+                                        ("text-generation", "llama")])
+def test_torch_artifact_and_its_onnx_export_give_the_same_metric(tiny, tmp_path, task, model):
+    pytest.importorskip("onnxruntime")
+    from compress.data import Example
+    from compress.evaluate import evaluate
+    from compress.stages.export import export_onnx
+    from serve.runtimes import load_runtime
+
+    torch_dir, onnx_dir = tmp_path / "torch", tmp_path / "onnx"
+    torch_dir.mkdir()
+    onnx_dir.mkdir()
+    copy_model_folder(tiny[model], torch_dir)
+    write_manifest(torch_dir, Manifest(name="torch", task=task, format="torch", precision="fp32"))
+    export_onnx(torch_dir, onnx_dir, task)
+    write_manifest(onnx_dir, Manifest(name="onnx", task=task, format="onnx", precision="fp32"))
+    if task == "text-classification":
+        examples = [Example(text=t, label=["positive", "negative"][i % 2])
+                    for i, t in enumerate(TEXTS)]
+    else:  # perplexity data: one text longer than the context, so windows are used
+        examples = [Example(text=" ".join(TEXTS * k)) for k in (1, 3, 40)]
+    reference = load_runtime(torch_dir, device="cpu")
+    onnx_rt = load_runtime(onnx_dir, device="cpu")
+    torch_result = evaluate(reference, examples, progress=False)
+    onnx_result = evaluate(onnx_rt, examples, reference_runtime=reference, progress=False)
+    assert onnx_result["metric"] == torch_result["metric"]
+    assert onnx_result["value"] == pytest.approx(torch_result["value"], rel=1e-4)
+    assert onnx_result["reference"]["agreement"] == 1.0
+    assert onnx_result["reference"]["kl"] < 1e-6
+    assert abs(onnx_result["reference"]["metric_drop"]) < 1e-4
