@@ -49,6 +49,10 @@ def _fmt_bytes(n: int) -> str:
 
 def _headline(metrics: dict) -> str:
     parts = []
+    if isinstance(metrics.get("metric"), str) and isinstance(metrics.get("value"), int | float):
+        ci = metrics.get("ci95") or []
+        ci_text = f" [{ci[0]:.3g}, {ci[1]:.3g}]" if len(ci) == 2 else ""
+        parts.append(f"{metrics['metric']}={metrics['value']:.4g}{ci_text}")
     for key in ("max_abs_diff", "top1_agreement", "agreement", "accuracy", "metric_drop"):
         if isinstance(metrics.get(key), int | float):
             parts.append(f"{key}={metrics[key]:.4g}")
