@@ -276,6 +276,11 @@ def distill(config: DistillConfig, src: Path, dst: Path, ctx: StageContext) -> S
     timing = speed(teacher, student, tokenizer, _texts(eval_ex[: config.speed_batch_size], task),
                    config.speed_batch_size, config.max_length)
     metrics: dict[str, Any] = {
+        # Headline (student vs teacher), as the CLI table and reports read it.
+        "metric": compared["metric"], "value": compared["student"]["value"],
+        "ci95": compared["student"]["ci95"], "teacher_value": compared["teacher"]["value"],
+        "agreement": compared["agreement"], "metric_drop": compared["metric_drop"],
+        "retention": compared.get("retention"), "speed_ratio": timing["speed_ratio"],
         "student": {"layers": int(student.config.num_hidden_layers),
                     "params": count_parameters(student), "bytes": _folder_bytes(dst)},
         "teacher": {"layers": int(teacher.config.num_hidden_layers),
