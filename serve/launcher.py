@@ -72,6 +72,7 @@ class ServerHandle:
     port: int
     process: subprocess.Popen = field(repr=False)
     log_path: Path | None = None
+    remove_log: bool = False
 
     def alive(self) -> bool:
         """Whether the server process is still running."""
@@ -94,6 +95,8 @@ class ServerHandle:
             os.killpg(self.pid, signal.SIGKILL)  # its workers, if any survived it
         if self.process.poll() is None:
             self.process.wait(timeout=10)
+        if self.remove_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
         return code
 
     def log_tail(self, lines: int = 20) -> str:
@@ -129,16 +132,23 @@ def spawn(settings: ServeSettings, host: str, port: int, stdout: IO | None = Non
                             start_new_session=True)
 
 
-def wait_ready(process: subprocess.Popen, url: str, timeout: float) -> None:
+STARTUP_FAILED = "Application startup failed"
+
+
+def wait_ready(process: subprocess.Popen, url: str, timeout: float,
+               log_path: Path | None = None) -> None:
     """Poll ``/readyz`` until it answers 200.
 
     Raises:
-        ServerStartError: The process exited first, or ``timeout`` passed.
+        ServerStartError: The process exited first, a worker failed to start (seen in
+            ``log_path``; BentoML would keep restarting it), or ``timeout`` passed.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServerStartError(f"server exited with code {process.returncode}")
+        if log_path is not None and STARTUP_FAILED in log_path.read_text(errors="replace"):
+            raise ServerStartError("a server worker failed to start")
         try:
             if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
                 return
@@ -158,7 +168,8 @@ def start_server(artifact: Path | str, port: int | None = None, host: str = "127
         port: TCP port; a free one when None.
         host: Interface to bind (loopback by default).
         ready_timeout: Seconds to wait for ``/readyz``.
-        log_path: File for the server's output (a temp file when None).
+        log_path: File for the server's output (when None, a temp file that
+            :meth:`ServerHandle.stop` deletes).
         env: Base environment (default: this process's).
         **opts: :class:`ServeSettings` fields (``batching``, ``max_batch_size``,
             ``max_latency_ms``, ``workers``, ``access_log``, ``device``, ...) and
@@ -171,6 +182,7 @@ def start_server(artifact: Path | str, port: int | None = None, host: str = "127
     limits = {k: opts.pop(k) for k in list(opts) if k in limit_keys}
     settings = ServeSettings(artifact=str(Path(artifact).resolve()), limits=limits, **opts)
     port = port or free_port(host)
+    temp_log = log_path is None
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix="modelpress-serve-", suffix=".log")
         os.close(fd)
@@ -178,10 +190,11 @@ def start_server(artifact: Path | str, port: int | None = None, host: str = "127
     with open(log_path, "wb") as out:
         process = spawn(settings, host, port, stdout=out, env=env)
     handle = ServerHandle(url=f"http://{host}:{port}", pid=process.pid, port=port,
-                          process=process, log_path=log_path)
+                          process=process, log_path=log_path, remove_log=temp_log)
     try:
-        wait_ready(process, handle.url, ready_timeout)
+        wait_ready(process, handle.url, ready_timeout, log_path)
     except ServerStartError as exc:
+        handle.remove_log = False  # kept for the user to read
         handle.stop()
         reason = startup_error(handle.log_tail(200))
         raise ServerStartError(f"{artifact}: server failed to start: {reason} ({exc}; "

@@ -224,7 +224,9 @@ def parse_body(model: type[M], raw: bytes, limits: Limits) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise RequestError(_describe(exc.errors()[0])) from None
+        # unknown fields first: a misspelt field also shows up as the missing one
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise RequestError("; ".join(_describe(e) for e in errors[:3])) from None
 
 
 def check_texts(field: str, texts: list[str], limits: Limits) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import bentoml
 from starlette.applications import Starlette
 
+from serve.artifact import load_artifact
 from serve.errors import ModelpressError
 from serve.http_api import Backend, build_routes, to_params
 from serve.openai_api import build_openai_routes
@@ -39,6 +40,13 @@ from serve.schemas import GenerateItem, ServeSettings
 log = logging.getLogger(__name__)
 
 SETTINGS = ServeSettings.from_env()
+if SETTINGS.artifact:
+    # Verify hashes on import, so `bentoml serve` (which imports this module before it
+    # starts workers) stops at once with one line instead of restarting failing workers.
+    try:
+        load_artifact(SETTINGS.artifact, verify=True)
+    except ModelpressError as exc:
+        raise SystemExit(f"error: {' '.join(str(exc).split())}") from None
 _BATCHING: dict[str, Any] = {"batchable": SETTINGS.batching,
                              "max_batch_size": SETTINGS.max_batch_size,
                              "max_latency_ms": SETTINGS.max_latency_ms}
@@ -78,7 +86,8 @@ class Modelpress:
         if not SETTINGS.artifact:
             raise ModelpressError("MODELPRESS_ARTIFACT is not set: point it at an artifact "
                                   "folder (or use `modelpress serve ARTIFACT`)")
-        self.runtime = load_runtime(SETTINGS.artifact, device=SETTINGS.device)
+        # hashes were verified when this process imported the module
+        self.runtime = load_runtime(SETTINGS.artifact, device=SETTINGS.device, verify=False)
         self.lock = threading.Lock()
         _STATE.backend = Backend(self, SETTINGS.limits, SETTINGS.workers)
         m = self.runtime.manifest

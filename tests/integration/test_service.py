@@ -1,0 +1,386 @@
+"""The BentoML service, live on loopback: batching, answers equal offline runtimes,
+OpenAI client, bad input → 4xx (server keeps serving), overload → 429, tampered artifact
+refuses to start, `modelpress serve` in the foreground, `bentoml build`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve.launcher import ROOT, ServerStartError, free_port, start_server, wait_ready
+from tests.conftest import run_cli, write_recipe
+
+pytestmark = pytest.mark.integration
+
+SENTENCES = ["the movie is great", "this film was really boring", "i love the music",
+             "awful plot and bad actors", "a good story", "the actress is brilliant",
+             "what a dull scene", "not funny at all", "best film of the year",
+             "the worst movie", "quite sad but good", "fun and wonderful"]
+PROMPTS = ["the movie is", "what is the capital of france ?", "i love", "the cat and the dog"]
+
+
+@pytest.fixture(scope="module")
+def bentoml_env(tmp_path_factory) -> dict[str, str]:
+    """Process environment with a private BENTOML_HOME, tracking off."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+            "OMP_NUM_THREADS": "1"}
+
+
+def _build(tiny, tmp_path_factory, name: str, task: str, base: str, adapter: str):
+    from compress.pipeline import run_recipe
+    from compress.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp(name)
+    recipe = write_recipe(root / "recipe.yaml", f"""
+name: {name}
+task: {task}
+base: {{path: {tiny[base]}}}
+adapters: [{{path: {tiny[adapter]}, weight: 1.0}}]
+stages: [{{kind: merge, tolerance: 1.0e-4}}]
+""")
+    run_recipe(load_recipe(recipe, []), root / "out")
+    return root / "out" / "merge"
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny, tmp_path_factory):
+    return _build(tiny, tmp_path_factory, "svc-cls", "text-classification", "bert", "bert-lora")
+
+
+@pytest.fixture(scope="module")
+def generator(tiny, tmp_path_factory):
+    return _build(tiny, tmp_path_factory, "svc-gen", "text-generation", "llama", "llama-lora")
+
+
+@pytest.fixture(scope="module")
+def cls_server(classifier, bentoml_env):
+    handle = start_server(classifier, env=bentoml_env, max_batch_size=16, max_latency_ms=20_000,
+                          max_items=8, max_text_chars=2000, max_input_tokens=32,
+                          long_input="truncate", max_body_bytes=65536, access_log=False)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def gen_server(generator, bentoml_env):
+    handle = start_server(generator, env=bentoml_env, max_batch_size=8, max_latency_ms=20_000,
+                          max_new_tokens=64, max_input_tokens=32, long_input="reject",
+                          max_concurrency=4, access_log=False)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def offline_cls(classifier):
+    from serve.runtimes import load_runtime
+
+    return load_runtime(classifier, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def offline_gen(generator):
+    from serve.runtimes import load_runtime
+
+    return load_runtime(generator, device="cpu")
+
+
+async def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        return await asyncio.gather(*(client.post(url, json=b) for b in bodies))
+
+
+def _batch_sizes(url: str, method: str) -> tuple[float, float, float]:
+    """(batches, requests, batches of one request) from the adaptive batch size histogram."""
+    count = total = ones = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        if family.name != "bentoml_service_adaptive_batch_size":
+            continue
+        for s in family.samples:
+            if s.labels.get("method_name") != method:
+                continue
+            if s.name.endswith("_count"):
+                count += s.value
+            elif s.name.endswith("_sum"):
+                total += s.value
+            elif s.name.endswith("_bucket") and float(s.labels["le"]) == 1.0:
+                ones += s.value
+    return count, total, ones
+
+
+def test_concurrent_classify_is_batched_and_equals_offline(cls_server, offline_cls):
+    bodies = [{"texts": [SENTENCES[i % len(SENTENCES)], SENTENCES[(i * 5 + 1) % 12]]}
+              for i in range(48)]
+    responses = asyncio.run(_post_all(f"{cls_server.url}/classify", bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    # BentoML's histogram observes requests per dispatched batch
+    batches, requests, ones = _batch_sizes(cls_server.url, "classify_batch")
+    assert requests >= len(bodies)  # every request went through the batching dispatcher
+    assert batches - ones >= 1  # at least one batch held several requests
+    assert requests / batches > 1.5
+    for body, response in zip(bodies, responses, strict=True):
+        offline = offline_cls.classify(body["texts"])
+        for got, want in zip(response.json()["results"], offline, strict=True):
+            assert got["label"] == want.label
+            assert got["score"] == pytest.approx(want.score, abs=1e-5)
+            assert got["scores"] is None
+
+
+def test_classify_all_scores(cls_server, offline_cls):
+    r = httpx.post(f"{cls_server.url}/classify", json={"texts": SENTENCES[:3],
+                                                       "all_scores": True})
+    assert r.status_code == 200
+    want = offline_cls.classify(SENTENCES[:3])
+    for got, w in zip(r.json()["results"], want, strict=True):
+        assert set(got["scores"]) == set(offline_cls.labels)
+        assert sum(got["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+        for label, p in w.scores.items():
+            assert got["scores"][label] == pytest.approx(p, abs=1e-5)
+
+
+def test_long_text_is_truncated_to_max_input_tokens(cls_server, offline_cls):
+    words = (SENTENCES[3] + " " + SENTENCES[0] + " ") * 8  # 64 word tokens, limit is 32
+    r = httpx.post(f"{cls_server.url}/classify", json={"texts": [words], "all_scores": True})
+    assert r.status_code == 200
+    # the word-level tokenizer gives one token per word, plus [CLS] and [SEP]
+    head = " ".join(words.split()[:30])
+    want = offline_cls.classify([head])[0]
+    assert r.json()["results"][0]["scores"]["positive"] == pytest.approx(
+        want.scores["positive"], abs=1e-5)
+
+
+def test_metadata(cls_server, classifier):
+    from serve.artifact import read_manifest
+
+    manifest = read_manifest(classifier)
+    meta = httpx.get(f"{cls_server.url}/metadata").json()
+    assert {k: meta[k] for k in ("name", "task", "format", "precision", "bytes")} == {
+        "name": manifest.name, "task": "text-classification", "format": manifest.format,
+        "precision": manifest.precision, "bytes": manifest.total_bytes}
+    assert meta["labels"] == ["negative", "positive"]
+    assert meta["serving"]["max_batch_size"] == 16
+    assert httpx.get(f"{cls_server.url}/livez").status_code == 200
+
+
+BAD_CLASSIFY = [
+    (b'{"texts": ["a", ', 400, "malformed JSON"),
+    (b'{"texts": "just a string"}', 400, "texts:"),
+    (b'{"texts": ["ok", 3]}', 400, "texts[1]:"),
+    (b'{"texts": ["ok", ""]}', 400, "texts[1]: must not be empty"),
+    (b'{"texts": ["ok", "   "]}', 400, "texts[1]: must not be empty"),
+    (b'{"texts": []}', 400, "texts: must contain at least one"),
+    (json.dumps({"texts": ["good"] * 9}).encode(), 413, "texts: 9 items"),
+    (json.dumps({"texts": ["x" * 2001]}).encode(), 413, "texts[0]: 2001 characters"),
+    (b'{"texts": ["ok"], "temperature": 1}', 400, "temperature: unknown field"),
+    (b'{"texts": ["ok"], "all_scores": "yes"}', 400, "all_scores:"),
+    (b'{"texts": ["caf\xff\xfe"]}', 400, "invalid UTF-8"),
+    (b'{"texts": ["\\ud800"]}', 400, "texts[0]: invalid UTF-8"),
+    (b'[1, 2]', 400, "body: expected a JSON object"),
+    (b'', 400, "body: empty"),
+    (b'{"texts": ["' + b"a " * 40000 + b'"]}', 413, "body:"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD_CLASSIFY)
+def test_bad_classify_input_gets_4xx_then_server_serves(cls_server, body, status, message):
+    r = httpx.post(f"{cls_server.url}/classify", content=body,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    ok = httpx.post(f"{cls_server.url}/classify", json={"texts": ["a good story"]})
+    assert ok.status_code == 200 and ok.json()["results"][0]["label"] in ("negative", "positive")
+
+
+def test_generate_on_a_classifier_names_the_endpoint(cls_server):
+    r = httpx.post(f"{cls_server.url}/generate", json={"prompts": ["the movie is"]})
+    assert r.status_code == 400
+    assert "/generate" in r.json()["error"] and "text-classification" in r.json()["error"]
+
+
+def test_generate_equals_offline_greedy(gen_server, offline_gen):
+    from serve.runtimes import GenerationParams
+
+    r = httpx.post(f"{gen_server.url}/generate", json={"prompts": PROMPTS, "max_new_tokens": 12},
+                   timeout=120)
+    assert r.status_code == 200
+    want = offline_gen.generate(PROMPTS, GenerationParams(max_new_tokens=12))
+    got = r.json()["results"]
+    assert [g["text"] for g in got] == [w.text for w in want]
+    assert [g["completion_tokens"] for g in got] == [w.completion_tokens for w in want]
+    assert [g["prompt_tokens"] for g in got] == [w.prompt_tokens for w in want]
+    assert [g["finish_reason"] for g in got] == [w.finish_reason for w in want]
+
+
+def test_concurrent_generate_requests_equal_offline(gen_server, offline_gen):
+    from serve.runtimes import GenerationParams
+
+    bodies = [{"prompts": [p], "max_new_tokens": 10} for p in PROMPTS]  # 4 = max_concurrency
+    responses = asyncio.run(_post_all(f"{gen_server.url}/generate", bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    for p, r in zip(PROMPTS, responses, strict=True):
+        want = offline_gen.generate([p], GenerationParams(max_new_tokens=10))[0]
+        assert r.json()["results"][0]["text"] == want.text
+
+
+def test_generate_stream_sse(gen_server, offline_gen):
+    from serve.runtimes import GenerationParams
+
+    body = {"prompts": [PROMPTS[1]], "max_new_tokens": 12, "stream": True}
+    with httpx.stream("POST", f"{gen_server.url}/generate", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    deltas = [json.loads(e)["text"] for e in events[:-1]]
+    assert len(deltas) > 1
+    want = offline_gen.generate([PROMPTS[1]], GenerationParams(max_new_tokens=12))[0]
+    assert "".join(deltas) == want.text
+
+
+def test_openai_client_completion_and_streaming_chat(gen_server, offline_gen):
+    import openai
+
+    from serve.runtimes import GenerationParams
+
+    client = openai.OpenAI(base_url=f"{gen_server.url}/v1", api_key="unused", timeout=120)
+    done = client.completions.create(model="any", prompt=PROMPTS[0], max_tokens=10,
+                                     temperature=0)
+    want = offline_gen.generate([PROMPTS[0]], GenerationParams(max_new_tokens=10))[0]
+    assert done.choices[0].text == want.text
+    assert done.usage.prompt_tokens == want.prompt_tokens
+    assert done.usage.completion_tokens == want.completion_tokens
+
+    messages = [{"role": "system", "content": "answer the question"},
+                {"role": "user", "content": "what is the capital of france ?"}]
+    whole = client.chat.completions.create(model="any", messages=messages, max_tokens=10,
+                                           temperature=0)
+    prompt = offline_gen.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                       add_generation_prompt=True)
+    want = offline_gen.generate([prompt], GenerationParams(max_new_tokens=10))[0]
+    assert whole.choices[0].message.content == want.text
+    assert whole.usage.completion_tokens == want.completion_tokens
+
+    chunks = list(client.chat.completions.create(
+        model="any", messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
+    assert chunks[-1].usage.completion_tokens == want.completion_tokens
+
+
+BAD_GENERATE = [
+    ("/classify", {"texts": ["the movie"]}, 400, "/classify: this artifact is a text-generation"),
+    ("/generate", {"prompts": ["a"], "max_new_tokens": 65}, 400, "max_new_tokens: 65"),
+    ("/generate", {"prompts": ["a"], "max_new_tokens": 0}, 400, "max_new_tokens:"),
+    ("/generate", {"prompts": ["a"], "temperature": -1}, 400, "temperature:"),
+    ("/generate", {"prompts": ["a", "b"], "stream": True}, 400, "prompts: streaming"),
+    ("/generate", {"prompts": ["the " * 40]}, 413, "prompts[0]:"),
+    ("/generate", {"prompt": ["a"]}, 400, "prompt: unknown field"),
+    ("/v1/completions", {"prompt": "a", "n": 2}, 400, "n:"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 1000}, 400, "max_tokens: 1000"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "a"}]}, 400,
+     "messages[0].role:"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "tools": []},
+     400, "tools: unknown field"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), BAD_GENERATE)
+def test_bad_generate_input_gets_4xx_then_server_serves(gen_server, path, body, status, message):
+    r = httpx.post(f"{gen_server.url}{path}", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    ok = httpx.post(f"{gen_server.url}/generate", json={"prompts": ["i love"],
+                                                        "max_new_tokens": 3}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["results"][0]["completion_tokens"] >= 1
+
+
+def test_overload_gets_429_then_server_serves(gen_server):
+    bodies = [{"prompts": [PROMPTS[i % 4]], "max_new_tokens": 64} for i in range(24)]
+    responses = asyncio.run(_post_all(f"{gen_server.url}/generate", bodies))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429}
+    assert codes.count(429) >= 1 and codes.count(200) >= 1
+    busy = next(r for r in responses if r.status_code == 429)
+    assert "max_concurrency" in busy.json()["error"]
+    ok = httpx.post(f"{gen_server.url}/generate", json={"prompts": ["i love"]}, timeout=60)
+    assert ok.status_code == 200
+
+
+def _tampered(classifier, tmp_path):
+    copy = tmp_path / "tampered"
+    shutil.copytree(classifier, copy)
+    with open(copy / "config.json", "a") as fh:
+        fh.write(" ")
+    return copy
+
+
+def test_tampered_artifact_refuses_to_start(classifier, bentoml_env, tmp_path):
+    bad = _tampered(classifier, tmp_path)
+    with pytest.raises(ServerStartError) as info:
+        start_server(bad, env=bentoml_env, ready_timeout=120)
+    assert "config.json: sha256 does not match the manifest" in str(info.value)
+    result = run_cli("serve", str(bad), "--port", str(free_port()), timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "sha256" in lines[0]
+
+
+def test_cli_serves_in_foreground_and_stops_on_sigterm(classifier, bentoml_env):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from compress.cli import main; main()", "serve",
+         str(classifier), "--port", str(port), "--no-batching", "--max-batch-size", "4",
+         "--no-access-log"], cwd=ROOT, env=bentoml_env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url, timeout=120)
+        assert httpx.get(f"{url}/metadata").json()["serving"]["batching"] is False
+        r = httpx.post(f"{url}/classify", json={"texts": ["a good story"]})
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    time.sleep(0.5)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/livez", timeout=2)
+
+
+def test_import_service_pulls_in_neither_compress_nor_peft(bentoml_env):
+    code = ("import sys, serve.service; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('compress', 'peft')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    env = {k: v for k, v in bentoml_env.items() if k != "MODELPRESS_ARTIFACT"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bentoml_build(bentoml_env):
+    result = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+                            cwd=ROOT, env=bentoml_env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    assert tag.startswith("modelpress:")
+    bento = os.path.join(bentoml_env["BENTOML_HOME"], "bentos", *tag.split(":"))
+    assert os.path.isfile(os.path.join(bento, "src", "serve", "service.py"))
+    assert not os.path.exists(os.path.join(bento, "src", "compress"))
+    with open(os.path.join(bento, "env", "python", "requirements.txt")) as fh:
+        assert "bentoml==" in fh.read()
