@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup test lint demo tiny bench clean
+.PHONY: setup test lint demo tiny bench clean bench-offline
 
 setup: $(STAMP)
 
@@ -36,6 +36,14 @@ demo: tiny
 	$(BIN)/modelpress compress recipes/tiny-classification.yaml --out artifacts/tiny-classification
 	$(BIN)/modelpress compress recipes/tiny-generation.yaml --out artifacts/tiny-generation
 	$(BIN)/modelpress inspect artifacts/tiny-classification/merge
+
+# Offline variant benchmark on the real MiniLM and SmolLM2-135M (docs/benchmarks.md).
+bench-offline: setup
+	$(BIN)/python -m bench.prepare_real
+	$(BIN)/modelpress compress recipes/bench-minilm.yaml --out build/bench/artifacts-minilm
+	$(BIN)/modelpress compress recipes/bench-smollm2.yaml --out build/bench/artifacts-smollm2
+	$(BIN)/python -m bench.offline build/bench/artifacts-minilm/* --json build/bench/offline-minilm.json
+	$(BIN)/python -m bench.offline build/bench/artifacts-smollm2/* --json build/bench/offline-smollm2.json
 
 clean:
 	rm -rf build artifacts .pytest_cache
