@@ -312,4 +312,4 @@ class TorchRuntime:
 
     def count_tokens(self, text: str) -> int:
         """Tokens the model sees for ``text``, special tokens (BOS, CLS/SEP) included."""
-        return len(self.tokenizer(text)["input_ids"])
+        return len(self.tokenizer(text, verbose=False)["input_ids"])
