@@ -116,6 +116,15 @@ def _rows(path: Path) -> tuple[list[tuple[int, dict]], list[str] | None]:
                 rows.append((line_no + len(para) - len(para.lstrip("\n")), {"text": para.strip()}))
             line_no += para.count("\n") + 2
         return rows, ["text"]
+    if kind == "jsonl" and text.lstrip().startswith("["):  # a .json file holding one array
+        try:
+            items = json.loads(text)
+        except ValueError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        bad = next((i for i, row in enumerate(items, 1) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise DataError(f"{path}: item {bad}: expected a JSON object")
+        return [(i, row) for i, row in enumerate(items, 1)], None
     if kind == "jsonl":
         rows = []
         for i, line in enumerate(text.splitlines(), 1):

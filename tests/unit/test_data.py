@@ -29,8 +29,10 @@ def test_formats_and_field_mapping(tmp_path):
         fh.write("review\tstars\n" + "".join(f"{t}\t{s}\n" for t, s in ROWS))
     csv_bz2 = tmp_path / "d.csv.bz2"
     csv_bz2.write_bytes(bz2.compress(csv_path.read_bytes()))
+    json_array = tmp_path / "d.json"
+    json_array.write_text(json.dumps([{"review": t, "stars": s} for t, s in ROWS]))
     expected = [Example(text=t, label=s) for t, s in ROWS]
-    for path in (jsonl, csv_path, tsv_gz, csv_bz2):
+    for path in (jsonl, csv_path, tsv_gz, csv_bz2, json_array):
         assert load_examples(DataFile(path=path, text="review", label="stars")) == expected
     assert load_examples(DataFile(path=jsonl, text="review", label="stars"), limit=2) == \
         expected[:2]
