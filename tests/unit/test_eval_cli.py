@@ -137,3 +137,38 @@ def test_torch_artifact_and_its_onnx_export_give_the_same_metric(tiny, tmp_path,
     assert onnx_result["reference"]["agreement"] == 1.0
     assert onnx_result["reference"]["kl"] < 1e-6
     assert abs(onnx_result["reference"]["metric_drop"]) < 1e-4
+
+
+def test_answers_eval_of_a_generator_against_itself(tiny, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.data import Example
+    from compress.evaluate import evaluate
+    from serve.runtimes import load_runtime
+
+    art = tmp_path / "llama"
+    art.mkdir()
+    copy_model_folder(tiny["llama"], art)
+    write_manifest(art, Manifest(name="llama", task="text-generation", format="torch",
+                                 precision="fp32"))
+    model = AutoModelForCausalLM.from_pretrained(tiny["llama"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny["llama"])
+    prompts = TEXTS[:4]
+    answers = []
+    for i, prompt in enumerate(prompts):  # half the answers are a word the plain model says
+        enc = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        said = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).split()
+        words = [w for w in said if w.isalpha()]
+        answers.append(words[-1] if i % 2 == 0 and words else "zebra")
+    expected = sum(a != "zebra" for a in answers) / 4
+    assert expected > 0
+    examples = [Example(text=p, answer=a) for p, a in zip(prompts, answers, strict=True)]
+    runtime = load_runtime(art, device="cpu")
+    result = evaluate(runtime, examples, reference_runtime=runtime, progress=False,
+                      max_new_tokens=6)
+    assert result["kind"] == "answers" and result["metric"] == "contains_answer"
+    assert result["value"] == pytest.approx(expected)
+    assert result["reference"]["agreement"] == 1.0 and result["reference"]["metric_drop"] == 0

@@ -176,3 +176,14 @@ def test_bitsandbytes_nf4_artifact_loads_through_its_config(tiny, tmp_path):
     probs = rt.class_probabilities(TEXTS)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probs, reference.class_probabilities(TEXTS), atol=0.1)
+
+
+def test_abandoned_stream_releases_the_model(llama_rt):
+    params = GenerationParams(max_new_tokens=40)
+    stream = llama_rt.stream("the movie was", params)
+    first = next(stream)
+    assert first
+    stream.close()  # a client that disconnects mid-stream
+    assert not llama_rt._lock.locked()
+    again = llama_rt.generate(["the movie was"], GenerationParams(max_new_tokens=4))[0]
+    assert again.completion_tokens <= 4
