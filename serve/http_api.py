@@ -58,6 +58,25 @@ class Backend:
         self.task = service.runtime.manifest.task
         self.cap = math.ceil(limits.max_concurrency / workers)
         self.in_flight = 0
+        self.factory: Any = None  # BentoML's app factory, once found (False: not found)
+
+    def bind(self, request: Request) -> None:
+        """Find BentoML's app factory (it owns the batching dispatchers) from a request.
+
+        The outer BentoML router is ``scope["router"]``; its lifespan is the factory's
+        bound ``lifespan`` method. Calling the factory's ``batch_infer`` directly skips a
+        second pass through the HTTP stack per request; if the lookup fails (another
+        BentoML version) requests go through the service's in-process client instead.
+        """
+        if self.factory is not None:
+            return
+        lifespan = getattr(request.scope.get("router"), "lifespan_context", None)
+        factory = getattr(lifespan, "__self__", None)
+        ok = callable(getattr(factory, "batch_infer", None)) and isinstance(
+            getattr(factory, "dispatchers", None), dict)
+        self.factory = factory if ok else False
+        if not ok:
+            log.warning("BentoML app factory not found; batching through the HTTP client")
 
     def require_task(self, endpoint: str, task: str, alternative: str) -> None:
         """Refuse an endpoint the artifact's task cannot serve (400 naming both)."""
@@ -70,6 +89,13 @@ class Backend:
         from bentoml.exceptions import BentoMLException
 
         try:
+            if self.factory and name in self.factory.dispatchers:
+                return await self.factory.batch_infer(name, (), dict(kwargs))
+            if self.factory:  # batching off: run the API method alone, in a thread
+                fn = functools.partial(getattr(self.service, name).local, **kwargs)
+                return await anyio.to_thread.run_sync(fn)
+            kwargs = {k: [i.model_dump() if isinstance(i, GenerateItem) else i for i in v]
+                      for k, v in kwargs.items()}
             return await getattr(self.service.to_async, name)(**kwargs)
         except BentoMLException as exc:
             status = int(getattr(exc, "error_code", 500))
@@ -105,7 +131,7 @@ class Backend:
 
     async def generate(self, items: list[GenerateItem]) -> list[dict[str, Any]]:
         """Generate through the batchable API."""
-        return await self.call("generate_batch", items=[i.model_dump() for i in items])
+        return await self.call("generate_batch", items=list(items))
 
     async def stream(self, item: GenerateItem) -> AsyncIterator[str]:
         """Text deltas of one prompt; holds the model lock for the whole stream."""
@@ -172,6 +198,7 @@ def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]
         @functools.wraps(handler)
         async def route(request: Request) -> Response:
             backend = get_backend()
+            backend.bind(request)
             if backend.in_flight >= backend.cap:
                 return error_response(f"too many requests in flight ({backend.cap}, "
                                       "max_concurrency); retry later", 429)
