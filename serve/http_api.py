@@ -2,9 +2,10 @@
 
 The routes form a Starlette app mounted on the BentoML service. They validate requests
 themselves (strict parsing, limits, task check → 4xx ``{"error": ...}`` naming the field),
-then hand the model work to the service's batchable BentoML APIs through the service's
-own in-process client (``service.to_async``), so every request passes BentoML's adaptive
-batching dispatcher and shows up in its ``adaptive_batch_size`` histogram.
+then hand the model work to the service's batchable BentoML APIs through BentoML's
+batching dispatcher (``batch_infer`` of its app factory; the service's in-process client
+``service.to_async`` as a fallback), so every request is adaptively batched and shows up
+in BentoML's ``adaptive_batch_size`` histogram.
 """
 
 from __future__ import annotations

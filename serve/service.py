@@ -11,10 +11,10 @@ BentoML fixes a service's batching and worker settings at decoration time.
 Layout: the public routes (``/classify``, ``/generate``, ``/metadata`` and the
 OpenAI-compatible ``/v1/...``) are a Starlette app mounted on the service; they validate
 input and then call the two batchable APIs below (``classify_batch``, ``generate_batch``)
-through BentoML's in-process client, so every request goes through BentoML's adaptive
-batching dispatcher (``max_batch_size``/``max_latency_ms``) and its batch sizes appear in
-``/metrics`` as ``bentoml_service_adaptive_batch_size``. BentoML's ``/readyz``,
-``/livez`` and ``/metrics`` stay as they are.
+through BentoML's own batching dispatcher (see ``serve.http_api.Backend``), so every
+request goes through BentoML adaptive batching (``max_batch_size``/``max_latency_ms``)
+and its batch sizes appear in ``/metrics`` as ``bentoml_service_adaptive_batch_size``.
+BentoML's ``/readyz``, ``/livez`` and ``/metrics`` stay as they are.
 
 This module imports no deep-learning framework: the runtime chosen by
 :func:`serve.runtimes.load_runtime` imports its own when the service starts.
