@@ -124,7 +124,8 @@ def _predict_perplexity(runtime: Any, examples: list[Example], batch_size: int,
                 targets = np.asarray(ids)[first + 1:]
                 vocab = lp.shape[1]
                 k = min(top_k, vocab)
-                idx = np.argsort(-lp, axis=1)[:, :k]
+                idx = np.argpartition(-lp, k - 1, axis=1)[:, :k]
+                idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(lp, idx, 1), 1), 1)
                 token_lp[i].append(np.take_along_axis(lp, targets[:, None], 1)[:, 0])
                 top_ids[i].append(idx.astype(np.int32))
                 top_lp[i].append(np.take_along_axis(lp, idx, 1))
