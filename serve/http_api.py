@@ -6,6 +6,11 @@ then hand the model work to the service's batchable BentoML APIs through BentoML
 batching dispatcher (``batch_infer`` of its app factory; the service's in-process client
 ``service.to_async`` as a fallback), so every request is adaptively batched and shows up
 in BentoML's ``adaptive_batch_size`` histogram.
+
+Streams (SSE) are closed deterministically: when a client disconnects mid-stream,
+Starlette cancels the sending task and leaves the body's async generator suspended;
+:class:`EventStreamResponse` then closes it (shielded from that cancellation), which
+stops the generation, releases the model lock and frees the concurrency slot at once.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from serve.runtimes import GenerationParams
 from serve.schemas import (
@@ -47,6 +54,8 @@ _DONE = object()
 # Upper bound on special tokens a tokenizer adds (BOS, CLS/SEP): texts of fewer UTF-8 bytes
 # than the token limit minus this cannot exceed it, so they are never tokenized here.
 _SPECIALS = 4
+# How often a request waiting for the model lock checks whether it was cancelled.
+_LOCK_POLL_S = 0.25
 
 
 class Backend:
@@ -60,6 +69,10 @@ class Backend:
         self.cap = math.ceil(limits.max_concurrency / workers)
         self.in_flight = 0
         self.factory: Any = None  # BentoML's app factory, once found (False: not found)
+
+    def release_slot(self) -> None:
+        """A request counted in ``in_flight`` has finished (or its stream was closed)."""
+        self.in_flight -= 1
 
     def bind(self, request: Request) -> None:
         """Find BentoML's app factory (it owns the batching dispatchers) from a request.
@@ -107,6 +120,13 @@ class Backend:
             raise RequestError("internal error while running the model; see the server "
                                "log", 500) from None
 
+    async def acquire_model(self) -> None:
+        """Take the model lock without tying a thread to it: short waits, so a request
+        whose client is gone (cancelled) stops waiting within ``_LOCK_POLL_S``."""
+        lock = self.service.lock
+        while not await anyio.to_thread.run_sync(lock.acquire, True, _LOCK_POLL_S):
+            pass
+
     async def run_locked(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a runtime call in a thread, serialised with the batch calls."""
         def locked() -> Any:
@@ -135,18 +155,26 @@ class Backend:
         return await self.call("generate_batch", items=list(items))
 
     async def stream(self, item: GenerateItem) -> AsyncIterator[str]:
-        """Text deltas of one prompt; holds the model lock for the whole stream."""
+        """Text deltas of one prompt; holds the model lock for the whole stream.
+
+        Closing this generator early (client gone) closes the runtime's stream, which
+        stops its generation, then releases the lock. The clean-up is shielded: it runs
+        to the end even when the request's task is being cancelled.
+        """
         params = to_params(item)
-        await anyio.to_thread.run_sync(self.service.lock.acquire)
+        await self.acquire_model()
         gen = None
         try:
             gen = self.runtime.stream(item.prompt, params)
             while (delta := await anyio.to_thread.run_sync(next, gen, _DONE)) is not _DONE:
                 yield delta
         finally:
-            if gen is not None:
-                await anyio.to_thread.run_sync(gen.close)
-            self.service.lock.release()
+            with anyio.CancelScope(shield=True):
+                try:
+                    if gen is not None:  # in a thread: closing joins the generation thread
+                        await anyio.to_thread.run_sync(gen.close)
+                finally:
+                    self.service.lock.release()
 
 
 def _truncate(runtime: Any, text: str, limit: int, keep: str) -> str:
@@ -193,7 +221,7 @@ async def read_body(request: Request, limits: Limits) -> bytes:
 def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]:
     """Wrap a route: concurrency cap (429), RequestError → 4xx, crash → 500, never down.
 
-    A streaming response keeps its slot until the stream ends.
+    A streaming response keeps its slot until the stream ends or its client goes.
     """
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
@@ -207,9 +235,9 @@ def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]
             streaming = False
             try:
                 response = await handler(request)
-                if isinstance(response, StreamingResponse):
+                if isinstance(response, EventStreamResponse):
                     streaming = True
-                    response.body_iterator = _release_after(response.body_iterator, backend)
+                    response.on_close.append(backend.release_slot)
                 return response
             except RequestError as exc:
                 return error_response(str(exc), exc.status)
@@ -218,17 +246,9 @@ def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]
                 return error_response("internal error; see the server log", 500)
             finally:
                 if not streaming:
-                    backend.in_flight -= 1
+                    backend.release_slot()
         return route
     return wrap
-
-
-async def _release_after(body: AsyncIterator[Any], backend: Backend) -> AsyncIterator[Any]:
-    try:
-        async for chunk in body:
-            yield chunk
-    finally:
-        backend.in_flight -= 1
 
 
 def sse(payload: Any) -> str:
@@ -238,19 +258,50 @@ def sse(payload: Any) -> str:
 
 
 async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Pass events through; a failure mid-stream becomes a final error event."""
+    """Pass events through (closing ``events`` when closed); a failure mid-stream becomes
+    a final error event."""
     try:
-        async for event in events:
-            yield event
+        async with aclosing(events):
+            async for event in events:
+                yield event
     except Exception as exc:
         log.exception("stream failed")
         yield sse({"error": f"stream failed: {type(exc).__name__}"})
 
 
-def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
-    """A ``text/event-stream`` response."""
-    return StreamingResponse(sse_stream(events), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+class EventStreamResponse(StreamingResponse):
+    """A ``text/event-stream`` response that always closes its event generator.
+
+    When the client disconnects, Starlette cancels the task sending the body and leaves
+    the body's async generator suspended, its ``finally`` blocks not run until garbage
+    collection (if ever). Here it is closed as soon as the response ends, however it
+    ended, shielded from the cancellation; then the ``on_close`` callbacks run (the
+    route's concurrency slot).
+
+    Args:
+        events: The SSE events (each layer closes the one it iterates, via ``aclosing``).
+    """
+
+    def __init__(self, events: AsyncIterator[str]) -> None:
+        super().__init__(sse_stream(events), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.on_close: list[Callable[[], None]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.body_iterator.aclose()
+                finally:
+                    for callback in self.on_close:
+                        callback()
+
+
+def streaming_response(events: AsyncIterator[str]) -> EventStreamResponse:
+    """A ``text/event-stream`` response (see :class:`EventStreamResponse`)."""
+    return EventStreamResponse(events)
 
 
 def build_routes(get_backend: Callable[[], Backend]) -> list:
@@ -290,8 +341,9 @@ def build_routes(get_backend: Callable[[], Backend]) -> list:
                               seed=req.seed) for p in prompts]
         if req.stream:
             async def events() -> AsyncIterator[str]:
-                async for delta in backend.stream(items[0]):
-                    yield sse({"text": delta})
+                async with aclosing(backend.stream(items[0])) as deltas:
+                    async for delta in deltas:
+                        yield sse({"text": delta})
                 yield sse("[DONE]")
             return streaming_response(events())
         rows = await backend.generate(items)

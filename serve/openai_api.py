@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -120,9 +121,10 @@ async def _stream_chunks(backend: Backend, item: GenerateItem, make_chunk: Calla
                          include_usage: bool) -> AsyncIterator[str]:
     """OpenAI stream: content chunks, a final chunk with finish_reason, usage, [DONE]."""
     text = ""
-    async for delta in backend.stream(item):
-        text += delta
-        yield sse(make_chunk(delta, None))
+    async with aclosing(backend.stream(item)) as deltas:  # closed at once if the client goes
+        async for delta in deltas:
+            text += delta
+            yield sse(make_chunk(delta, None))
     prompt_tokens = await backend.run_locked(backend.runtime.count_tokens, item.prompt)
     completion = 0
     if text:  # count_tokens includes special tokens (BOS): subtract those of ""

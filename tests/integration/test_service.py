@@ -319,6 +319,97 @@ def test_overload_gets_429_then_server_serves(gen_server):
     assert ok.status_code == 200
 
 
+CHAT = [{"role": "user", "content": "what is the capital of france ?"}]
+STREAMS = [("/generate", {"prompts": [PROMPTS[0]], "max_new_tokens": 100, "stream": True}),
+           ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 100, "temperature": 0,
+                                     "stream": True}),
+           ("/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 100, "temperature": 0,
+                                "stream": True})]
+
+
+def _content_events(path: str, lines) -> list[str]:
+    """Text deltas of SSE lines, stopping at [DONE]."""
+    deltas = []
+    for line in lines:
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: "):]
+        if data == "[DONE]":
+            break
+        event = json.loads(data)
+        assert "error" not in event, event
+        if path == "/generate":
+            deltas.append(event["text"])
+        elif event["choices"]:
+            choice = event["choices"][0]
+            text = choice["delta"].get("content") if "delta" in choice else choice["text"]
+            if text:
+                deltas.append(text)
+    return deltas
+
+
+def _read_then_disconnect(url: str, path: str, body: dict, events: int = 2) -> list[str]:
+    """Open a stream, read ``events`` content events, then close the connection."""
+    with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}{path}",
+                                                           json=body) as r:
+        assert r.status_code == 200, r.read()
+        got = []
+        for delta in _content_events(path, r.iter_lines()):
+            got.append(delta)
+            if len(got) == events:
+                break
+    return got  # leaving both blocks closes the socket mid-stream
+
+
+async def _overlapping_disconnects(url: str) -> None:
+    """Streams at once (queued behind one another), all dropped early."""
+    async def one(path: str, body: dict) -> None:
+        async with httpx.AsyncClient(timeout=60) as client, client.stream(
+                "POST", f"{url}{path}", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    break
+    await asyncio.gather(*(one(path, body) for path, body in STREAMS))
+
+
+def test_clients_disconnecting_mid_stream_do_not_wedge_the_server(generator, bentoml_env,
+                                                                  offline_gen):
+    from serve.runtimes import GenerationParams
+
+    # max_concurrency=3: a stream that kept its slot after its client left would turn the
+    # requests below into 429s; one that kept the model lock would make them hang.
+    handle = start_server(generator, env=bentoml_env, max_batch_size=4, max_latency_ms=20_000,
+                          max_new_tokens=100, max_concurrency=3, access_log=False)
+    try:
+        for _ in range(3):
+            for path, body in STREAMS:
+                assert len(_read_then_disconnect(handle.url, path, body)) == 2
+        asyncio.run(_overlapping_disconnects(handle.url))
+
+        r = httpx.post(f"{handle.url}/generate", json={"prompts": [PROMPTS[1]],
+                                                       "max_new_tokens": 12}, timeout=60)
+        assert r.status_code == 200, r.text
+        want = offline_gen.generate([PROMPTS[1]], GenerationParams(max_new_tokens=12))[0]
+        assert r.json()["results"][0]["text"] == want.text
+        for path, body in STREAMS:  # a whole stream still works and equals offline greedy
+            body = {**body, "max_new_tokens" if path == "/generate" else "max_tokens": 12}
+            with httpx.stream("POST", f"{handle.url}{path}", json=body, timeout=60) as r:
+                assert r.status_code == 200
+                lines = list(r.iter_lines())
+            assert "data: [DONE]" in lines
+            prompt = body.get("prompt") or (body["prompts"][0] if "prompts" in body else
+                                            offline_gen.tokenizer.apply_chat_template(
+                                                CHAT, tokenize=False,
+                                                add_generation_prompt=True))
+            want = offline_gen.generate([prompt], GenerationParams(max_new_tokens=12))[0]
+            assert "".join(_content_events(path, lines)) == want.text
+    finally:
+        code = handle.stop(timeout=30)
+    assert code == 0  # it stopped on SIGTERM (stop() returns None when it had to kill)
+    assert not handle.alive()
+
+
 def _tampered(classifier, tmp_path):
     copy = tmp_path / "tampered"
     shutil.copytree(classifier, copy)
