@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup test lint demo tiny bench clean bench-offline
+.PHONY: setup test test-gpu lint demo tiny bench clean bench-offline
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# On a CUDA machine (after `pip install -e '.[gpu]'` in place of the cpu extra).
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu tests/gpu
 
 tiny: setup
 	$(BIN)/modelpress tiny build/tiny
