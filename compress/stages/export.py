@@ -49,6 +49,7 @@ def _quiet():
     buffer = io.StringIO()
     stack = contextlib.ExitStack()
     stack.enter_context(contextlib.redirect_stdout(buffer))
+    stack.enter_context(contextlib.redirect_stderr(buffer))  # the builder's tqdm bars
     import warnings
 
     stack.enter_context(warnings.catch_warnings())

@@ -42,6 +42,7 @@ ONNX_METHODS = ("int8-dynamic", "int8-static", "int4-weight-only")
 WEIGHT_SUFFIXES = (".onnx", ".data", ".onnx_data", ".safetensors")
 #: Export check tolerance, relative to the largest reference logit (at least 1).
 FP32_TOLERANCE = 1e-3
+GENAI_FP32_LOGPROB_TOL = 0.02
 
 _reference_predictions: dict[str, Any] = {}
 
@@ -191,27 +192,41 @@ def _build_files(recipe: Recipe, variant: Any, fmt: str, reference_dir: Path,
 
 
 def _genai_check(reference_dir: Path, folder: Path, precision: str) -> dict[str, Any]:
-    """Greedy continuations of the genai model against torch (must be equal for fp32)."""
+    """Next-token log-probs and greedy continuations of the genai model against torch.
+
+    For fp32 the log-probs must agree within ``GENAI_FP32_LOGPROB_TOL`` nats (greedy
+    continuations of a deep model can flip on near-ties of fused vs unfused kernels, so
+    their identity rate is recorded, not required).
+    """
+    import numpy as np
+
     from compress.models import sample_texts
     from compress.stages.export import greedy_torch
     from serve.runtime_genai import GenaiRuntime
+    from serve.runtime_torch import TorchRuntime
     from serve.runtimes import GenerationParams
 
     prompts, n_new = sample_texts(4), 12
     runtime = GenaiRuntime(folder, Manifest(name="check", task="text-generation",
                                             format="onnx-genai", precision=precision), "cpu")
-    tok = runtime.tokenizer
+    torch_rt = TorchRuntime(reference_dir, Manifest(name="reference", task="text-generation",
+                                                    format="torch", precision="fp32"), "cpu")
+    diff = 0.0
+    for (ids_t, lp_t), (ids_g, lp_g) in zip(torch_rt.next_token_logprobs(prompts),
+                                            runtime.next_token_logprobs(prompts), strict=True):
+        if not np.array_equal(ids_t, ids_g):
+            raise StageFailed("onnxruntime-genai model tokenizes differently from torch")
+        diff = max(diff, float(np.abs(lp_t - lp_g).max()))
     same = 0
     for prompt, ids in zip(prompts, greedy_torch(reference_dir, prompts, n_new), strict=True):
         expected, _, _ = runtime._finish(ids, GenerationParams(max_new_tokens=n_new))
         got = runtime.generate([prompt], GenerationParams(max_new_tokens=n_new))[0].text
         same += got == expected
-        log.debug("genai %r vs torch %r (%s)", got, expected, tok.decode(ids))
-    result = {"greedy_identical": same / len(prompts), "samples": len(prompts),
-              "max_new_tokens": n_new}
-    if precision == "fp32" and same < len(prompts):
-        raise StageFailed(f"onnxruntime-genai fp32 greedy continuations differ from torch "
-                          f"({same}/{len(prompts)} identical)")
+    result = {"max_logprob_diff": diff, "greedy_identical": same / len(prompts),
+              "samples": len(prompts), "max_new_tokens": n_new}
+    if precision == "fp32" and diff > GENAI_FP32_LOGPROB_TOL:
+        raise StageFailed(f"onnxruntime-genai fp32 log-probs differ from torch by {diff:.3g} "
+                          f"nats (allowed {GENAI_FP32_LOGPROB_TOL})")
     return result
 
 
