@@ -7,16 +7,13 @@ batching dispatcher (``batch_infer`` of its app factory; the service's in-proces
 ``service.to_async`` as a fallback), so every request is adaptively batched and shows up
 in BentoML's ``adaptive_batch_size`` histogram.
 
-Streams (SSE) are closed deterministically: when a client disconnects mid-stream,
-Starlette cancels the sending task and leaves the body's async generator suspended;
-:class:`EventStreamResponse` then closes it (shielded from that cancellation), which
-stops the generation, releases the model lock and frees the concurrency slot at once.
+Streaming answers (SSE) are built by :mod:`serve.sse`, which closes a stream as soon as
+its client goes; :meth:`Backend.stream` then stops the generation and frees the model.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,10 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import JSONResponse, Response
 
-from serve.runtimes import GenerationParams
+from serve.runtimes import GenerationParams, UnsupportedRequest
 from serve.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -43,6 +39,8 @@ from serve.schemas import (
     check_texts,
     parse_body,
 )
+from serve.sse import EventStreamResponse, sse, streaming_response
+from serve.token_limits import check_room, fit_tokens
 
 if TYPE_CHECKING:
     from serve.service import Modelpress
@@ -51,9 +49,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Response]]
 _DONE = object()
-# Upper bound on special tokens a tokenizer adds (BOS, CLS/SEP): texts of fewer UTF-8 bytes
-# than the token limit minus this cannot exceed it, so they are never tokenized here.
-_SPECIALS = 4
 # How often a request waiting for the model lock checks whether it was cancelled.
 _LOCK_POLL_S = 0.25
 
@@ -111,6 +106,8 @@ class Backend:
             kwargs = {k: [i.model_dump() if isinstance(i, GenerateItem) else i for i in v]
                       for k, v in kwargs.items()}
             return await getattr(self.service.to_async, name)(**kwargs)
+        except UnsupportedRequest as exc:
+            raise RequestError(str(exc)) from None
         except BentoMLException as exc:
             status = int(getattr(exc, "error_code", 500))
             if status in (429, 503):
@@ -134,25 +131,13 @@ class Backend:
                 return fn(*args)
         return await anyio.to_thread.run_sync(locked)
 
-    async def fit(self, field: str, texts: list[str], keep: str) -> list[str]:
-        """Apply ``max_input_tokens`` to each text: truncate (head/tail) or reject (413)."""
-        limit = self.limits.max_input_tokens
-        out = list(texts)
-        for i, text in enumerate(texts):
-            if len(text.encode("utf-8")) + _SPECIALS <= limit:
-                continue
-            n = await self.run_locked(self.runtime.count_tokens, text)
-            if n <= limit:
-                continue
-            if self.limits.long_input == "reject":
-                raise RequestError(f"{field}[{i}]: {n} tokens, more than the limit of "
-                                   f"{limit}", 413)
-            out[i] = await self.run_locked(_truncate, self.runtime, text, limit, keep)
-        return out
-
     async def generate(self, items: list[GenerateItem]) -> list[dict[str, Any]]:
-        """Generate through the batchable API."""
-        return await self.call("generate_batch", items=list(items))
+        """Generate through the batchable API (an item the runtime refused → 400)."""
+        rows = await self.call("generate_batch", items=list(items))
+        for row in rows:
+            if "error" in row:
+                raise RequestError(row["error"])
+        return rows
 
     async def stream(self, item: GenerateItem) -> AsyncIterator[str]:
         """Text deltas of one prompt; holds the model lock for the whole stream.
@@ -175,19 +160,6 @@ class Backend:
                         await anyio.to_thread.run_sync(gen.close)
                 finally:
                     self.service.lock.release()
-
-
-def _truncate(runtime: Any, text: str, limit: int, keep: str) -> str:
-    """Longest head (or tail) of ``text`` with at most ``limit`` tokens (binary search)."""
-    lo, hi = 0, len(text)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        part = text[:mid] if keep == "head" else text[len(text) - mid:]
-        if runtime.count_tokens(part) <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    return text[:lo] if keep == "head" else text[len(text) - lo:]
 
 
 def to_params(item: GenerateItem) -> GenerationParams:
@@ -251,59 +223,6 @@ def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]
     return wrap
 
 
-def sse(payload: Any) -> str:
-    """One server-sent event carrying JSON (or the literal ``[DONE]``)."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
-
-
-async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Pass events through (closing ``events`` when closed); a failure mid-stream becomes
-    a final error event."""
-    try:
-        async with aclosing(events):
-            async for event in events:
-                yield event
-    except Exception as exc:
-        log.exception("stream failed")
-        yield sse({"error": f"stream failed: {type(exc).__name__}"})
-
-
-class EventStreamResponse(StreamingResponse):
-    """A ``text/event-stream`` response that always closes its event generator.
-
-    When the client disconnects, Starlette cancels the task sending the body and leaves
-    the body's async generator suspended, its ``finally`` blocks not run until garbage
-    collection (if ever). Here it is closed as soon as the response ends, however it
-    ended, shielded from the cancellation; then the ``on_close`` callbacks run (the
-    route's concurrency slot).
-
-    Args:
-        events: The SSE events (each layer closes the one it iterates, via ``aclosing``).
-    """
-
-    def __init__(self, events: AsyncIterator[str]) -> None:
-        super().__init__(sse_stream(events), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache"})
-        self.on_close: list[Callable[[], None]] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self.body_iterator.aclose()
-                finally:
-                    for callback in self.on_close:
-                        callback()
-
-
-def streaming_response(events: AsyncIterator[str]) -> EventStreamResponse:
-    """A ``text/event-stream`` response (see :class:`EventStreamResponse`)."""
-    return EventStreamResponse(events)
-
-
 def build_routes(get_backend: Callable[[], Backend]) -> list:
     """Routes for ``/classify``, ``/generate`` and ``/metadata``."""
     from starlette.routing import Route
@@ -317,7 +236,7 @@ def build_routes(get_backend: Callable[[], Backend]) -> list:
                          backend.limits)
         backend.require_task("/classify", "text-classification", "/generate")
         check_texts("texts", req.texts, backend.limits)
-        texts = await backend.fit("texts", req.texts, keep="head")
+        texts = await fit_tokens(backend, "texts", req.texts, keep="head")
         rows = await backend.call("classify_batch", texts=texts)
         results = [ClassifyResult(label=r["label"], score=r["score"],
                                   scores=r["scores"] if req.all_scores else None)
@@ -331,12 +250,16 @@ def build_routes(get_backend: Callable[[], Backend]) -> list:
                          backend.limits)
         backend.require_task("/generate", "text-generation", "/classify")
         check_texts("prompts", req.prompts, backend.limits)
-        check_max_new_tokens("max_new_tokens", req.max_new_tokens, backend.limits)
+        max_new = req.max_new_tokens
+        if "max_new_tokens" not in req.model_fields_set:  # a default never exceeds the cap
+            max_new = min(max_new, backend.limits.max_new_tokens)
+        check_max_new_tokens("max_new_tokens", max_new, backend.limits)
         if req.stream and len(req.prompts) != 1:
             raise RequestError(f"prompts: streaming needs exactly one prompt, got "
                                f"{len(req.prompts)}")
-        prompts = await backend.fit("prompts", req.prompts, keep="tail")
-        items = [GenerateItem(prompt=p, max_new_tokens=req.max_new_tokens,
+        prompts = await fit_tokens(backend, "prompts", req.prompts, keep="tail")
+        await check_room(backend, "max_new_tokens", "prompts", prompts, max_new)
+        items = [GenerateItem(prompt=p, max_new_tokens=max_new,
                               temperature=req.temperature, top_p=req.top_p, stop=req.stop,
                               seed=req.seed) for p in prompts]
         if req.stream:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.http_api import Backend, endpoint, read_body, sse, streaming_response
+from serve.http_api import Backend, endpoint, read_body
 from serve.schemas import (
     GenerateItem,
     RequestError,
@@ -28,6 +28,8 @@ from serve.schemas import (
     check_texts,
     parse_body,
 )
+from serve.sse import sse, streaming_response
+from serve.token_limits import check_room, context_length, fit_tokens, prompt_room
 
 
 class _OpenAIParams(BaseModel):
@@ -106,10 +108,22 @@ def render_chat(runtime: Any, messages: list[ChatMessage]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
 
 
-def _item(backend: Backend, prompt: str, req: _OpenAIParams, max_tokens: int) -> GenerateItem:
-    check_max_new_tokens("max_tokens", max_tokens, backend.limits)
+def _item(backend: Backend, prompt: str, req: _OpenAIParams, max_tokens: int,
+          field: str = "max_tokens") -> GenerateItem:
+    check_max_new_tokens(field, max_tokens, backend.limits)
     return GenerateItem(prompt=prompt, max_new_tokens=max_tokens, temperature=req.temperature,
                         top_p=req.top_p, stop=req.stops(), seed=req.seed)
+
+
+async def _default_max_tokens(backend: Backend, prompt: str) -> int:
+    """The server's cap, or the room the prompt leaves in the context if that is less."""
+    cap = backend.limits.max_new_tokens
+    room = await prompt_room(backend, prompt)
+    if room is not None and room < 1:
+        context = context_length(backend.runtime)
+        raise RequestError(f"messages: {context - room} tokens fill the model's context of "
+                           f"{context} tokens; shorten the conversation")
+    return cap if room is None else min(cap, room)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -157,8 +171,11 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
             raise RequestError("echo/suffix: not supported")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         check_texts("prompt", prompts, backend.limits)
-        prompts = await backend.fit("prompt", prompts, keep="tail")
-        items = [_item(backend, p, req, req.max_tokens or 16) for p in prompts]
+        prompts = await fit_tokens(backend, "prompt", prompts, keep="tail")
+        max_tokens = req.max_tokens or min(16, backend.limits.max_new_tokens)  # OpenAI: 16
+        items = [_item(backend, p, req, max_tokens) for p in prompts]
+        await check_room(backend, "max_tokens", "prompt", prompts, max_tokens,
+                         listed=not isinstance(req.prompt, str))
         ident, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name(backend)
         if req.stream:
             if len(items) != 1:
@@ -190,8 +207,13 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
         check_texts("messages.content", [m.content or " " for m in req.messages],
                     backend.limits)
         prompt = await backend.run_locked(render_chat, backend.runtime, req.messages)
-        [prompt] = await backend.fit("messages", [prompt], keep="tail")
-        item = _item(backend, prompt, req, req.max_completion_tokens or req.max_tokens or 256)
+        [prompt] = await fit_tokens(backend, "messages", [prompt], keep="tail")
+        field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        asked = req.max_completion_tokens or req.max_tokens
+        if asked is None:  # as OpenAI: as long as the context allows (within the cap)
+            asked = await _default_max_tokens(backend, prompt)
+        item = _item(backend, prompt, req, asked, field)
+        await check_room(backend, field, "messages", [prompt], asked, listed=False)
         ident, created, name = (f"chatcmpl-{uuid.uuid4().hex}", int(time.time()),
                                 model_name(backend))
         if req.stream:

@@ -6,7 +6,9 @@ by bitsandbytes (``nf4``, ``int8-bnb``) carries its ``quantization_config`` in
 
 Generation pads on the left and decodes with ``model.generate`` (KV cache); streaming runs
 ``generate`` in a thread feeding a ``TextIteratorStreamer``. Model calls are serialised by
-a lock, so a seeded sampling request is reproducible while others run.
+a lock, so a seeded sampling request is reproducible while others run. Prompts are never
+cut: one that leaves no room for ``max_new_tokens`` in the model's context is refused with
+:class:`serve.runtimes.ContextLengthExceeded`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from serve.artifact import Manifest
 from serve.errors import ArtifactError
 from serve.runtimes import (
     Classification,
+    ContextLengthExceeded,
     Generation,
     GenerationParams,
     UnsupportedRequest,
@@ -154,9 +157,16 @@ class TorchRuntime:
     # --- generation -----------------------------------------------------------------
 
     def _encode_prompts(self, prompts: list[str], max_new_tokens: int):
-        room = max(1, self.max_length - max_new_tokens)
-        enc = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=room,
-                             padding_side="left", return_tensors="pt")
+        """Left-padded batch; never truncated (a prompt that does not fit is refused).
+
+        Raises:
+            ContextLengthExceeded: a prompt plus ``max_new_tokens`` exceeds ``max_length``.
+        """
+        enc = self.tokenizer(list(prompts), padding=True, padding_side="left",
+                             return_tensors="pt", verbose=False)
+        for i, n in enumerate(enc["attention_mask"].sum(dim=1).tolist()):
+            if n + max_new_tokens > self.max_length:
+                raise ContextLengthExceeded(i, int(n), max_new_tokens, self.max_length)
         return {k: v.to(self.model.device) for k, v in enc.items()
                 if k in ("input_ids", "attention_mask")}
 

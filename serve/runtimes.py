@@ -28,6 +28,27 @@ class UnsupportedRequest(ModelpressError):
     """A request the runtime cannot serve (wrong task, bad parameters)."""
 
 
+class ContextLengthExceeded(UnsupportedRequest):
+    """A prompt plus ``max_new_tokens`` does not fit in the model's context.
+
+    Raised instead of cutting the prompt (OpenAI answers such a request with a 400 too).
+
+    Attributes:
+        index: Position of the (first) offending prompt in the batch.
+        prompt_tokens: Its token count.
+        max_new_tokens: The requested completion length.
+        context_length: The model's context length.
+    """
+
+    def __init__(self, index: int, prompt_tokens: int, max_new_tokens: int,
+                 context_length: int) -> None:
+        self.index, self.prompt_tokens = index, prompt_tokens
+        self.max_new_tokens, self.context_length = max_new_tokens, context_length
+        super().__init__(f"max_new_tokens: {max_new_tokens} plus the {prompt_tokens} tokens "
+                         f"of prompt {index} exceed the model's context of {context_length} "
+                         "tokens; lower max_new_tokens or shorten the prompt")
+
+
 @dataclass
 class Classification:
     """One classified text.

@@ -34,7 +34,7 @@ from serve.artifact import load_artifact
 from serve.errors import ModelpressError
 from serve.http_api import Backend, build_routes, to_params
 from serve.openai_api import build_openai_routes
-from serve.runtimes import load_runtime
+from serve.runtimes import UnsupportedRequest, load_runtime
 from serve.schemas import GenerateItem, ServeSettings
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,9 @@ class Modelpress:
     def generate_batch(self, items: list[GenerateItem]) -> list[dict[str, Any]]:
         """Internal: complete the prompts of one adaptive batch.
 
-        Items with the same decoding settings run as one left-padded batch.
+        Items with the same decoding settings run as one left-padded batch. An item the
+        runtime refuses (``UnsupportedRequest``, e.g. no room in the context) gets
+        ``{"error": message}`` without failing the other requests of the batch.
         """
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
@@ -129,8 +131,18 @@ class Modelpress:
         with self.lock:
             for indices in groups.values():
                 params = to_params(items[indices[0]])
-                gens = self.runtime.generate([items[i].prompt for i in indices], params)
-                for i, g in zip(indices, gens, strict=True):
+                prompts = [items[i].prompt for i in indices]
+                try:
+                    done = dict(zip(indices, self.runtime.generate(prompts, params),
+                                    strict=True))
+                except UnsupportedRequest:  # run them alone: only the refused ones fail
+                    done = {}
+                    for i in indices:
+                        try:
+                            [done[i]] = self.runtime.generate([items[i].prompt], params)
+                        except UnsupportedRequest as exc:
+                            out[i] = {"error": str(exc)}
+                for i, g in done.items():
                     out[i] = {"text": g.text, "prompt_tokens": g.prompt_tokens,
                               "completion_tokens": g.completion_tokens,
                               "finish_reason": g.finish_reason}

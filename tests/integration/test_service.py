@@ -27,6 +27,7 @@ SENTENCES = ["the movie is great", "this film was really boring", "i love the mu
              "what a dull scene", "not funny at all", "best film of the year",
              "the worst movie", "quite sad but good", "fun and wonderful"]
 PROMPTS = ["the movie is", "what is the capital of france ?", "i love", "the cat and the dog"]
+CHAT = [{"role": "user", "content": "what is the capital of france ?"}]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,9 @@ def cls_server(classifier, bentoml_env):
 
 @pytest.fixture(scope="module")
 def gen_server(generator, bentoml_env):
+    # max_new_tokens: the default cap (256), twice the tiny Llama's context (128)
     handle = start_server(generator, env=bentoml_env, max_batch_size=8, max_latency_ms=20_000,
-                          max_new_tokens=64, max_input_tokens=32, long_input="reject",
+                          max_new_tokens=256, max_input_tokens=32, long_input="reject",
                           max_concurrency=4, access_log=False)
     yield handle
     handle.stop()
@@ -168,6 +170,9 @@ def test_metadata(cls_server, classifier):
         "name": manifest.name, "task": "text-classification", "format": manifest.format,
         "precision": manifest.precision, "bytes": manifest.total_bytes}
     assert meta["labels"] == ["negative", "positive"]
+    # the contract's fields, as stored in the manifest
+    assert {k: meta[k] for k in ("metrics", "eval", "gate")} == {
+        "metrics": manifest.metrics, "eval": manifest.eval, "gate": manifest.gate}
     assert meta["serving"]["max_batch_size"] == 16
     assert httpx.get(f"{cls_server.url}/livez").status_code == 200
 
@@ -280,9 +285,54 @@ def test_openai_client_completion_and_streaming_chat(gen_server, offline_gen):
     assert chunks[-1].usage.completion_tokens == want.completion_tokens
 
 
+def test_generation_may_fill_the_context_and_keeps_the_prompt(gen_server, offline_gen):
+    from serve.runtimes import GenerationParams
+
+    context = offline_gen.model.config.max_position_embeddings
+    n = len(offline_gen.tokenizer(PROMPTS[1])["input_ids"])
+    r = httpx.post(f"{gen_server.url}/generate", json={"prompts": [PROMPTS[1]],
+                                                       "max_new_tokens": context - n},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    want = offline_gen.generate([PROMPTS[1]], GenerationParams(max_new_tokens=context - n))[0]
+    assert r.json()["results"][0] == {"text": want.text, "prompt_tokens": n,
+                                      "completion_tokens": want.completion_tokens,
+                                      "finish_reason": want.finish_reason}
+
+    # chat without max_tokens (OpenAI: as long as the context allows), under a 256 cap
+    prompt = offline_gen.tokenizer.apply_chat_template(CHAT, tokenize=False,
+                                                       add_generation_prompt=True)
+    m = len(offline_gen.tokenizer(prompt)["input_ids"])
+    r = httpx.post(f"{gen_server.url}/v1/chat/completions",
+                   json={"messages": CHAT, "temperature": 0}, timeout=120)
+    assert r.status_code == 200, r.text
+    want = offline_gen.generate([prompt], GenerationParams(max_new_tokens=context - m))[0]
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == want.text
+    assert body["choices"][0]["finish_reason"] == want.finish_reason
+    assert body["usage"]["prompt_tokens"] == m
+    assert body["usage"]["completion_tokens"] == want.completion_tokens <= context - m
+
+
 BAD_GENERATE = [
     ("/classify", {"texts": ["the movie"]}, 400, "/classify: this artifact is a text-generation"),
-    ("/generate", {"prompts": ["a"], "max_new_tokens": 65}, 400, "max_new_tokens: 65"),
+    ("/generate", {"prompts": ["a"], "max_new_tokens": 257}, 400, "max_new_tokens: 257"),
+    # within the cap but not within the model's context (128 tokens): 400, never cut
+    ("/generate", {"prompts": ["a"], "max_new_tokens": 256}, 400,
+     "max_new_tokens: 256 leaves no room for the prompt in the model's context of 128"),
+    ("/generate", {"prompts": ["i love", PROMPTS[1]], "max_new_tokens": 125}, 400,
+     "max_new_tokens: 125 plus the 8 tokens of prompts[1] exceed the model's context of 128"),
+    ("/generate", {"prompts": ["i love"], "max_new_tokens": 128, "stream": True}, 400,
+     "max_new_tokens: 128 leaves no room"),
+    ("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 121}, 400,
+     "max_tokens: 121 plus the 8 tokens of prompt exceed"),
+    ("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 200, "stream": True}, 400,
+     "max_tokens: 200 leaves no room"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                              "max_tokens": 128}, 400, "max_tokens: 128 leaves no room"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                              "max_completion_tokens": 126}, 400,
+     "max_completion_tokens: 126 plus the"),
     ("/generate", {"prompts": ["a"], "max_new_tokens": 0}, 400, "max_new_tokens:"),
     ("/generate", {"prompts": ["a"], "temperature": -1}, 400, "temperature:"),
     ("/generate", {"prompts": ["a", "b"], "stream": True}, 400, "prompts: streaming"),
@@ -319,7 +369,6 @@ def test_overload_gets_429_then_server_serves(gen_server):
     assert ok.status_code == 200
 
 
-CHAT = [{"role": "user", "content": "what is the capital of france ?"}]
 STREAMS = [("/generate", {"prompts": [PROMPTS[0]], "max_new_tokens": 100, "stream": True}),
            ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 100, "temperature": 0,
                                      "stream": True}),
@@ -434,14 +483,25 @@ def test_cli_serves_in_foreground_and_stops_on_sigterm(classifier, bentoml_env):
     proc = subprocess.Popen(
         [sys.executable, "-c", "from compress.cli import main; main()", "serve",
          str(classifier), "--port", str(port), "--no-batching", "--max-batch-size", "4",
-         "--no-access-log"], cwd=ROOT, env=bentoml_env, stdout=subprocess.PIPE,
+         "--max-items", "3", "--max-input-tokens", "40", "--long-input", "reject",
+         "--max-new-tokens", "16", "--max-concurrency", "7", "--no-access-log"],
+        cwd=ROOT, env=bentoml_env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, url, timeout=120)
-        assert httpx.get(f"{url}/metadata").json()["serving"]["batching"] is False
+        serving = httpx.get(f"{url}/metadata").json()["serving"]
+        assert serving["batching"] is False
+        assert {k: serving["limits"][k] for k in ("max_items", "max_input_tokens", "long_input",
+                                                  "max_new_tokens", "max_concurrency")} == {
+            "max_items": 3, "max_input_tokens": 40, "long_input": "reject",
+            "max_new_tokens": 16, "max_concurrency": 7}
         r = httpx.post(f"{url}/classify", json={"texts": ["a good story"]})
         assert r.status_code == 200
+        r = httpx.post(f"{url}/classify", json={"texts": ["a good story"] * 4})
+        assert r.status_code == 413 and "texts: 4 items" in r.json()["error"]
+        r = httpx.post(f"{url}/classify", json={"texts": ["good " * 45]})
+        assert r.status_code == 413 and "texts[0]: 47 tokens" in r.json()["error"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:

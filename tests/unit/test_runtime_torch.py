@@ -187,3 +187,32 @@ def test_abandoned_stream_releases_the_model(llama_rt):
     assert not llama_rt._lock.locked()
     again = llama_rt.generate(["the movie was"], GenerationParams(max_new_tokens=4))[0]
     assert again.completion_tokens <= 4
+
+
+def test_prompt_that_does_not_fit_the_context_is_refused_not_cut(llama_rt, plain_llama):
+    from serve.errors import ModelpressError
+    from serve.runtimes import ContextLengthExceeded
+
+    _, tok = plain_llama
+    context = llama_rt.model.config.max_position_embeddings
+    assert context == 128  # the tiny Llama
+    prompt = "what is the capital of france ?"
+    n = len(tok(prompt)["input_ids"])
+    # the whole room is usable: prompt + max_new_tokens == context, prompt kept whole
+    fits = llama_rt.generate(["i love", prompt], GenerationParams(max_new_tokens=context - n))
+    assert fits[1].prompt_tokens == n
+    assert fits[1].completion_tokens <= context - n
+    short = len(tok("i love")["input_ids"])
+    # one token too many: only the long prompt overflows; from `context` on, both do
+    for max_new, first in ((context - n + 1, (1, n)), (context, (0, short)),
+                           (2 * context, (0, short))):
+        with pytest.raises(ContextLengthExceeded) as info:
+            llama_rt.generate(["i love", prompt], GenerationParams(max_new_tokens=max_new))
+        assert isinstance(info.value, ModelpressError)
+        assert (info.value.index, info.value.prompt_tokens) == first
+        assert str(info.value).startswith(f"max_new_tokens: {max_new} ")
+        assert f"context of {context} tokens" in str(info.value)
+        with pytest.raises(ContextLengthExceeded):
+            "".join(llama_rt.stream(prompt, GenerationParams(max_new_tokens=max_new)))
+    assert not llama_rt._lock.locked()
+    assert llama_rt.generate([prompt], GenerationParams(max_new_tokens=4))[0].prompt_tokens == n
