@@ -93,7 +93,9 @@ class DistillConfig(Strict):
         hidden_layer_map: Teacher layer matched to each student layer by the MSE loss
             (defaults to the teacher layers the student was cut from).
         max_steps: Upper bound on optimizer steps.
-        max_epochs: Upper bound on passes over the training data.
+        max_epochs: Upper bound on passes over the training data (None: max_steps only).
+            The defaults (2 epochs, batch 32, lr 1e-4) kept 99% of the MiniLM sentiment
+            teacher's accuracy with 3 of 6 layers (docs/benchmarks.md).
         learning_rate: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
         warmup_ratio: Fraction of the steps with linear warm-up (then linear decay to 0).
@@ -105,7 +107,8 @@ class DistillConfig(Strict):
         validation_fraction: Part of ``data.train`` held out for validation; 0 validates
             on ``data.eval`` instead.
         cache_teacher_logits: Compute the teacher's logits on the training set once and
-            reuse them every epoch (classification only).
+            reuse them every epoch (classification only; None: on for classification
+            without hidden_weight).
         max_metric_drop: Fail the stage when the student's metric is worse than the
             teacher's by more than this (None: record only).
         speed_batch_size: Batch size of the offline teacher/student speed measurement.
@@ -121,18 +124,18 @@ class DistillConfig(Strict):
     alpha: float = Field(default=0.5, ge=0, le=1)
     hidden_weight: float = Field(default=0.0, ge=0)
     hidden_layer_map: list[int] | None = None
-    max_steps: int = Field(default=200, gt=0)
-    max_epochs: int | None = Field(default=None, gt=0)
-    learning_rate: float = Field(default=5e-5, gt=0)
+    max_steps: int = Field(default=1000, gt=0)
+    max_epochs: int | None = Field(default=2, gt=0)
+    learning_rate: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=32, gt=0)
     grad_accum_steps: int = Field(default=1, gt=0)
     max_length: int = Field(default=128, gt=1)
-    eval_every: int = Field(default=50, gt=0)
-    patience: int | None = Field(default=3, gt=0)
+    eval_every: int = Field(default=100, gt=0)
+    patience: int | None = Field(default=4, gt=0)
     validation_fraction: float = Field(default=0.1, ge=0, lt=1)
-    cache_teacher_logits: bool = False
+    cache_teacher_logits: bool | None = None
     max_metric_drop: float | None = Field(default=None, ge=0)
     speed_batch_size: int = Field(default=32, gt=0)
     seed: int = 0

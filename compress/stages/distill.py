@@ -230,9 +230,12 @@ def distill(config: DistillConfig, src: Path, dst: Path, ctx: StageContext) -> S
     if task == "text-classification" and spec.label is None:
         raise InputError("data.train.label: distilling a text-classification model needs "
                          "labelled training data; name the label column")
-    if config.cache_teacher_logits and (task != "text-classification" or config.hidden_weight):
+    cacheable = task == "text-classification" and not config.hidden_weight
+    if config.cache_teacher_logits and not cacheable:
         raise InputError(f"{where}.cache_teacher_logits: only for text-classification "
                          "without hidden_weight (else the teacher must run every step)")
+    if config.cache_teacher_logits is None:
+        config = config.model_copy(update={"cache_teacher_logits": cacheable})
     check_safetensors(src, "distill teacher")
     ctx.report("loading teacher")
     teacher = load_model(task, src)

@@ -169,6 +169,7 @@ def test_kd_steps_reduce_the_kd_loss(tiny, tmp_path, task):
 
     teacher, tokenizer = four_layer_teacher(tiny, task)
     config = DistillConfig(student_layers=1, strategy="first-k", alpha=1.0, max_steps=25,
+                           max_epochs=None,
                            learning_rate=3e-3, batch_size=8, eval_every=100, patience=None,
                            warmup_ratio=0.0)
     student, _ = build_student(config, teacher, tokenizer, task, "stages[1]")
@@ -220,9 +221,9 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny, tmp_path):
     task = "text-classification"
     teacher, tokenizer = four_layer_teacher(tiny, task)
     # Dropout on, gradient accumulation and several epochs: all must be restored exactly.
-    config = DistillConfig(student_layers=2, max_steps=10, eval_every=3, patience=None,
-                           learning_rate=1e-3, batch_size=4, grad_accum_steps=2, seed=7,
-                           hidden_weight=0.5)
+    config = DistillConfig(student_layers=2, max_steps=10, max_epochs=None, eval_every=3,
+                           patience=None, learning_rate=1e-3, batch_size=4,
+                           grad_accum_steps=2, seed=7, hidden_weight=0.5)
     data = encoded_rows(tokenizer, sentiment_rows(20), task)
     pad = tokenizer.pad_token_id
 
@@ -248,6 +249,35 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny, tmp_path):
     for name, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
     assert [c["step"] for c in outcome.curve] == [0, 3, 6, 9, 10]
+
+
+def test_max_epochs_bound_and_cached_teacher_logits(tiny, tmp_path):
+    from compress.stages.distill_student import build_student
+    from compress.stages.distill_train import TEACHER_LOGITS, train
+
+    task = "text-classification"
+    teacher, tokenizer = four_layer_teacher(tiny, task)
+    data = encoded_rows(tokenizer, sentiment_rows(16), task)
+    from compress.stages.distill_train import collate
+
+    batch = collate(data, list(range(len(data))), tokenizer.pad_token_id)
+    batch.pop("labels")
+    logits = []
+    for cache in (False, True):
+        config = DistillConfig(student_layers=2, max_steps=100, max_epochs=2, batch_size=4,
+                               eval_every=100, patience=None, learning_rate=1e-3,
+                               cache_teacher_logits=cache)
+        student, _ = build_student(config, teacher, tokenizer, task, "stages[1]")
+        outcome = train(student, teacher, data, constant_validator(range(10)), config,
+                        task=task, pad_id=tokenizer.pad_token_id,
+                        checkpoint_dir=tmp_path / str(cache))
+        assert outcome.steps == 8 and outcome.epochs == 2.0  # 16 examples / 4 per step, twice
+        with torch.no_grad():
+            logits.append(student(**batch).logits)
+    assert (tmp_path / "True" / TEACHER_LOGITS).is_file()
+    # Cached logits were computed on other batches (other padding): equal up to rounding,
+    # so the two students end (nearly) the same.
+    assert torch.allclose(logits[0], logits[1], atol=2e-3), (logits[0] - logits[1]).abs().max()
 
 
 def test_losses_mask_padding():
