@@ -68,8 +68,8 @@ def load_split(spec: DataFile | None, what: str) -> list[Any]:
     from compress.data import load_examples
 
     if spec is None:
-        raise RecipeError(f"{what}: the distill stage needs training data "
-                          "(data.train: {path: ..., text: ..., label: ...})")
+        raise RecipeError(f"{what}: the distill stage needs this data file "
+                          f"({what}: {{path: ..., text: ..., label: ...}})")
     examples = load_examples(spec)
     if not examples:
         raise InputError(f"{what}: {spec.path}: no examples; the training set is empty")
