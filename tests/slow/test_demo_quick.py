@@ -1,0 +1,52 @@
+"""The quick demo end to end on the real shipped models (MiniLM, Rotten Tomatoes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from serve.artifact import load_artifact
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_classification_demo(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    result = subprocess.run(
+        [sys.executable, "-c", "from compress.cli import main; main()", "demo", "--quick",
+         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    work = out / "classification"
+    assert f"report: {work / 'report' / 'report.md'}" in result.stdout
+
+    run = json.loads((work / "artifacts" / "run.json").read_text())
+    steps = {s["name"]: s for s in run["steps"]}
+    assert set(steps) == {"merge", "distill", "onnx-fp32", "onnx-int8-dynamic",
+                          "onnx-int8-static", "onnx-int4", "torch-nf4"}
+    assert all(s["status"] == "built" for s in steps.values()), steps
+    merge = load_artifact(work / "artifacts" / "merge").manifest
+    assert merge.metrics["max_abs_diff"] < 1e-3 and merge.metrics["top1_agreement"] == 1.0
+    for name in ("onnx-fp32", "onnx-int8-dynamic"):
+        manifest = load_artifact(work / "artifacts" / name).manifest
+        assert manifest.gate["verdict"] in ("passed", "failed")
+        assert manifest.metrics["agreement"] >= 0.9
+    fp32 = load_artifact(work / "artifacts" / "onnx-fp32").manifest
+    int8 = load_artifact(work / "artifacts" / "onnx-int8-dynamic").manifest
+    assert int8.total_bytes < fp32.total_bytes / 2
+
+    results = json.loads((work / "report" / "results.json").read_text())
+    served = [a for a in results["artifacts"] if a["status"] == "ok"]
+    assert len(served) >= 5
+    for artifact in served:
+        assert artifact["accuracy"]["value"] > 0.6  # above the 0.58 majority class
+        for level in artifact["loads"]:
+            assert level["requests"] > 0 and level["failures"] == 0
+            lat = level["latency_ms"]
+            assert lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert "recommended" in results["recommendation"]
+    png = (work / "report" / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
