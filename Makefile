@@ -44,9 +44,10 @@ demo: tiny
 # Offline variant benchmark on the real MiniLM and SmolLM2-135M (docs/benchmarks.md).
 bench-offline: setup
 	$(BIN)/python -m bench.prepare_real
-	$(BIN)/modelpress compress recipes/bench-minilm.yaml --out build/bench/artifacts-minilm
+	test -d build/bench-distill/artifacts/merge || $(BIN)/python -m bench.distill_minilm --out build/bench-distill
+	$(BIN)/modelpress compress recipes/bench-minilm.yaml --out build/bench/artifacts-minilm-ft
 	$(BIN)/modelpress compress recipes/bench-smollm2.yaml --out build/bench/artifacts-smollm2
-	$(BIN)/python -m bench.offline build/bench/artifacts-minilm/* --json build/bench/offline-minilm.json
+	$(BIN)/python -m bench.offline build/bench/artifacts-minilm-ft/* --json build/bench/offline-minilm.json
 	$(BIN)/python -m bench.offline build/bench/artifacts-smollm2/* --json build/bench/offline-smollm2.json
 
 clean:
