@@ -103,7 +103,8 @@ def kl_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Row-wise KL(p || q) of probability rows (natural log)."""
     p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0)
     q = np.clip(np.asarray(q, dtype=np.float64), _EPS, 1.0)
-    return np.sum(p * (np.log(p) - np.log(q)), axis=-1)
+    # KL >= 0; rounding of nearly equal rows can give -1e-9.
+    return np.maximum(np.sum(p * (np.log(p) - np.log(q)), axis=-1), 0.0)
 
 
 def topk_kl(ref_ids: np.ndarray, ref_lp: np.ndarray, cand_ids: np.ndarray,

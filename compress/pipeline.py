@@ -239,13 +239,11 @@ def run_recipe(recipe: Recipe, out: Path, report: Report = lambda m: None) -> li
 
 def _build_variant(recipe: Recipe, variant: Any, reference: Path, out: Path,
                    report: Report) -> StepRecord:
+    from compress.stages.variants import build_variant
+
     dst = out / variant.name
+    before = _manifest_id(dst)
     start = time.perf_counter()
-    try:
-        from compress.stages.variants import build_variant
-    except ImportError:
-        return StepRecord(variant.name, variant.kind, str(dst), "failed",
-                          error="variant stages (export/quantize) are not available yet")
     try:
         manifest = build_variant(recipe, variant, reference, dst,
                                  lambda m: report(f"{variant.name}: {m}"))
@@ -253,7 +251,16 @@ def _build_variant(recipe: Recipe, variant: Any, reference: Path, out: Path,
         log.error("variant %s failed: %s", variant.name, exc)
         return StepRecord(variant.name, variant.kind, str(dst), "failed",
                           seconds=time.perf_counter() - start, error=str(exc))
-    return StepRecord(variant.name, variant.kind, str(dst), "built",
+    # A rebuilt artifact is renamed into place, so its manifest is a new file.
+    status = "cached" if before is not None and before == _manifest_id(dst) else "built"
+    return StepRecord(variant.name, variant.kind, str(dst), status,
                       seconds=time.perf_counter() - start, metrics=manifest.metrics,
                       gate=manifest.gate.get("verdict"), bytes=manifest.total_bytes)
 
+
+def _manifest_id(folder: Path) -> tuple[int, int] | None:
+    try:
+        stat = (folder / "manifest.json").stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -149,6 +151,8 @@ def test_cli_rerun_reuses_and_shows_gates(cls):
     assert result.returncode == 0, result.stderr
     assert "unchanged, reusing" in result.stdout
     assert "accuracy=" in result.stdout and "passed" in result.stdout
+    statuses = {s["name"]: s["status"] for s in json.loads((out / "run.json").read_text())["steps"]}
+    assert set(statuses.values()) == {"cached"}, statuses
 
 
 def test_unexportable_architecture(tiny, tmp_path):
