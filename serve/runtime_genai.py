@@ -20,7 +20,7 @@ import numpy as np
 
 from serve.artifact import Manifest
 from serve.errors import ArtifactError
-from serve.runtime_torch import _safe_prefix, _stop_index
+from serve.runtime_torch import _safe_prefix, _stop_index, finish_generation
 from serve.runtimes import Classification, Generation, GenerationParams, UnsupportedRequest
 
 log = logging.getLogger(__name__)
@@ -111,16 +111,7 @@ class GenaiRuntime:
         return generator
 
     def _finish(self, ids: list[int], params: GenerationParams) -> tuple[str, int, str]:
-        end = next((i for i, t in enumerate(ids) if t in self._eos), None)
-        reason = "stop" if end is not None else "length"
-        ids = ids if end is None else ids[:end]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        cut = _stop_index(text, params.stop)
-        if cut is None:
-            return text, len(ids), reason
-        n = next(k for k in range(1, len(ids) + 1) if _stop_index(
-            self.tokenizer.decode(ids[:k], skip_special_tokens=True), params.stop) is not None)
-        return text[:cut], n, "stop"
+        return finish_generation(self.tokenizer, self._eos, ids, params)
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         """Complete a batch of prompts (left padding, greedy or seeded sampling)."""

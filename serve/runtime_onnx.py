@@ -19,7 +19,12 @@ import numpy as np
 
 from serve.artifact import Manifest
 from serve.errors import ArtifactError
-from serve.runtimes import Classification, Generation, GenerationParams, UnsupportedRequest
+from serve.runtimes import (
+    Classification,
+    Generation,
+    GenerationParams,
+    require_task,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +110,7 @@ class OnnxRuntime:
         log.info("loaded %s (onnx, %s) on %s", self.path, manifest.precision, self.device)
 
     def _need(self, task: str) -> None:
-        if self.manifest.task != task:
-            raise UnsupportedRequest(f"this artifact is a {self.manifest.task} model; "
-                                     f"it does not support {task}")
+        require_task(self.manifest, task)
 
     def class_probabilities(self, texts: list[str]) -> np.ndarray:
         """Probabilities, float32 array [len(texts), num_labels] (softmax of the logits)."""

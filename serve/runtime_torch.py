@@ -29,7 +29,7 @@ from serve.runtimes import (
     ContextLengthExceeded,
     Generation,
     GenerationParams,
-    UnsupportedRequest,
+    require_task,
     resolve_device,
 )
 
@@ -119,9 +119,7 @@ class TorchRuntime:
         return min(limits) if limits else 512
 
     def _need(self, task: str) -> None:
-        if self.manifest.task != task:
-            raise UnsupportedRequest(f"this artifact is a {self.manifest.task} model; "
-                                     f"it does not support {task}")
+        require_task(self.manifest, task)
 
     # --- classification -------------------------------------------------------------
 
@@ -203,24 +201,7 @@ class TorchRuntime:
             self._torch.manual_seed(params.seed)
 
     def _finish(self, ids: list[int], params: GenerationParams) -> tuple[str, int, str]:
-        """Cut generated ids at EOS / a stop sequence; return (text, tokens, reason)."""
-        end = next((i for i, t in enumerate(ids) if t in self._eos), None)
-        reason = "stop" if end is not None else "length"
-        ids = ids if end is None else ids[:end]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        cut = _stop_index(text, params.stop)
-        if cut is not None:
-            # tokens actually generated: the shortest prefix whose text holds the stop.
-            lo, hi = 1, len(ids)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                part = self.tokenizer.decode(ids[:mid], skip_special_tokens=True)
-                if _stop_index(part, params.stop) is None:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            return text[:cut], lo, "stop"
-        return text, len(ids), reason
+        return finish_generation(self.tokenizer, self._eos, ids, params)
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         """Complete a batch of prompts (left padding, KV cache, greedy or seeded sampling).
@@ -323,3 +304,28 @@ class TorchRuntime:
     def count_tokens(self, text: str) -> int:
         """Tokens the model sees for ``text``, special tokens (BOS, CLS/SEP) included."""
         return len(self.tokenizer(text, verbose=False)["input_ids"])
+
+
+def finish_generation(tokenizer: Any, eos: set[int], ids: list[int],
+                      params: GenerationParams) -> tuple[str, int, str]:
+    """Cut generated ids at EOS / a stop sequence; return (text, tokens, finish reason).
+
+    Shared by every runtime that decodes token ids itself (torch, onnxruntime-genai).
+    """
+    end = next((i for i, t in enumerate(ids) if t in eos), None)
+    reason = "stop" if end is not None else "length"
+    ids = ids if end is None else ids[:end]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    cut = _stop_index(text, params.stop)
+    if cut is None:
+        return text, len(ids), reason
+    # tokens actually generated: the shortest prefix whose text holds the stop.
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _stop_index(tokenizer.decode(ids[:mid], skip_special_tokens=True),
+                       params.stop) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return text[:cut], lo, "stop"

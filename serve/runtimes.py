@@ -136,6 +136,13 @@ class Runtime(Protocol):
         ...
 
 
+def require_task(manifest: Manifest, task: str) -> None:
+    """Raise ``UnsupportedRequest`` unless the artifact is a ``task`` model."""
+    if manifest.task != task:
+        raise UnsupportedRequest(f"this artifact is a {manifest.task} model; "
+                                 f"it does not support {task}")
+
+
 def resolve_device(device: Device = "auto") -> str:
     """``cuda`` when asked for or available (auto), else ``cpu``."""
     if device != "auto":

@@ -47,6 +47,9 @@ def smollm2_folder(build: Path) -> Path:
     log.info("converting %s to a safetensors folder (once)", SMOLLM2_GGUF)
     model = load_model("text-generation", src, gguf_file=SMOLLM2_GGUF)
     tokenizer = load_tokenizer(src, gguf_file=SMOLLM2_GGUF)
+    # The GGUF metadata names <|im_start|> as EOS; a chat turn ends with <|im_end|>, which is
+    # also the model's generation EOS. Fine-tuning and decoding must agree on it.
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
     with atomic_dir(dst) as tmp:
         save_model(model, tokenizer, tmp)
     return dst

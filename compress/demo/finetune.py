@@ -147,13 +147,15 @@ def finetune_lm(base: Path, prompts: list[str], answers: list[str], out: Path,
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.rank, lora_alpha=2 * cfg.rank,
                       lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     peft_model = get_peft_model(model, lora)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+    # End answers with the token generation stops on, not whatever the tokenizer calls EOS.
+    eos = model.generation_config.eos_token_id
+    eos = (eos[0] if isinstance(eos, list) else eos) if eos is not None else \
         tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     encoded = []
     for prompt, answer in zip(prompts, answers, strict=True):
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + \
-            [tokenizer.eos_token_id]
+        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
         p_ids = p_ids[-(cfg.max_length - len(a_ids)):]
         encoded.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
 
