@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup test test-gpu lint demo tiny bench clean bench-offline
+.PHONY: setup test test-gpu lint demo tiny-demo tiny bench bench-offline clean bench-offline
 
 setup: $(STAMP)
 
@@ -35,8 +35,13 @@ test-gpu: setup
 tiny: setup
 	$(BIN)/modelpress tiny build/tiny
 
-# Placeholder until the real demo lands: the tiny pipeline end to end.
-demo: tiny
+# The real demo: LoRA-fine-tuned MiniLM → merge → distill → variants → serve + bench → report.
+# DEMO_ARGS="--quick" or "--task generation" for the other variants of it.
+demo: setup
+	$(BIN)/modelpress demo $(DEMO_ARGS)
+
+# The tiny random models through the same pipeline, in seconds.
+tiny-demo: tiny
 	$(BIN)/modelpress compress recipes/tiny-classification.yaml --out artifacts/tiny-classification
 	$(BIN)/modelpress compress recipes/tiny-generation.yaml --out artifacts/tiny-generation
 	$(BIN)/modelpress inspect artifacts/tiny-classification/merge
@@ -50,5 +55,9 @@ bench-offline: setup
 	$(BIN)/python -m bench.offline build/bench/artifacts-minilm-ft/* --json build/bench/offline-minilm.json
 	$(BIN)/python -m bench.offline build/bench/artifacts-smollm2/* --json build/bench/offline-smollm2.json
 
+# Every benchmark of docs/benchmarks.md that runs without a server (the served ones are
+# `modelpress bench` / `modelpress demo` runs, commands in that file).
+bench: bench-offline
+
 clean:
-	rm -rf build artifacts .pytest_cache
+	rm -rf build artifacts demo-output .pytest_cache
