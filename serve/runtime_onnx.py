@@ -187,13 +187,7 @@ def _ort_causal_lm_class():
                                     f"({str(exc).splitlines()[0][:300]})") from None
             self.tokenizer = owner.tokenizer
             self.max_length = self._max_length()
-            self.labels = []
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-            eos = self.model.generation_config.eos_token_id
-            if eos is None:
-                eos = self.tokenizer.eos_token_id
-            self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            self._setup_generation()
 
     return OrtCausalLM
 

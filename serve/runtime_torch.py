@@ -102,15 +102,19 @@ class TorchRuntime:
         if manifest.task == "text-classification":
             self.labels = [id2label[i] for i in range(len(id2label))]
         else:
-            self.labels = []
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-            eos = self.model.generation_config.eos_token_id
-            if eos is None:
-                eos = self.tokenizer.eos_token_id
-            self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            self._setup_generation()
         log.info("loaded %s (%s, %s) on %s", self.path, manifest.format, manifest.precision,
                  self.device)
+
+    def _setup_generation(self) -> None:
+        """Padding token and the token ids generation stops on (generation config first)."""
+        self.labels = []
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     def _max_length(self) -> int:
         limits = [self.tokenizer.model_max_length,
