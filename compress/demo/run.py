@@ -56,7 +56,7 @@ def plan(task: str, quick: bool) -> DemoPlan:
         if quick:
             return DemoPlan(FinetuneConfig(steps=80, batch_size=32, learning_rate=1e-3),
                             overrides=["stages[1].max_steps=40", "stages[1].eval_every=20",
-                                       "data.eval.samples=300"],
+                                       "data.train.samples=2000", "data.eval.samples=300"],
                             users=[1, 8], duration_s=4, warmup_s=1, eval_samples=200)
         return DemoPlan(FinetuneConfig(steps=400, batch_size=32, learning_rate=1e-3))
     if quick:
