@@ -19,7 +19,8 @@ PERCENTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
 # Entries the locustfile fires besides the HTTP requests themselves.
 TTFT, ITL, TOKENS, SCHEDULE = ("SSE", "TTFT"), ("SSE", "ITL"), ("SSE", "tokens"), (
     "SCHEDULE", "from schedule")
-_EXTRA = {TTFT, ITL, TOKENS, SCHEDULE}
+RUN_START = ("RUN", "start")  # logged once at test start; its start_time opens the window
+_EXTRA = {TTFT, ITL, TOKENS, SCHEDULE, RUN_START}
 
 
 def load_entries(path: Path) -> list[dict[str, Any]]:
@@ -75,9 +76,12 @@ def _key(entry: dict[str, Any]) -> tuple[str, str]:
     return entry["method"], entry["name"]
 
 
-def _duration(entries: list[dict[str, Any]]) -> float:
-    starts = [e["start_time"] for e in entries if e["num_requests"]]
-    ends = [e["last_request_timestamp"] for e in entries if e["last_request_timestamp"]]
+def _duration(run: list[dict[str, Any]]) -> float:
+    """Seconds from the run's start (else its first response) to its last response."""
+    requests = [e for e in run if _key(e) not in _EXTRA]
+    marks = [e["start_time"] for e in run if _key(e) == RUN_START]
+    starts = marks or [e["start_time"] for e in requests if e["num_requests"]]
+    ends = [e["last_request_timestamp"] for e in requests if e["last_request_timestamp"]]
     return (max(ends) - min(starts)) if starts and ends else 0.0
 
 
@@ -100,7 +104,7 @@ def summarize(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
     requests = [e for e in entries if _key(e) not in _EXTRA]
     n = sum(e["num_requests"] for e in requests)
     failures = sum(e["num_failures"] for e in requests)
-    duration = sum(_duration([e for e in run if _key(e) not in _EXTRA]) for run in runs)
+    duration = sum(_duration(run) for run in runs)
     tokens = [e for e in entries if _key(e) == TOKENS]
     token_count = sum(e["total_content_length"] for e in tokens)
     return {

@@ -27,17 +27,28 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def short_names(paths: list[str]) -> list[str]:
+    """The fewest trailing path parts that tell the artifacts apart (``a/merge``, ``b/merge``)."""
+    parts = [Path(p).parts for p in paths]
+    longest = max((len(x) for x in parts), default=1)
+    for depth in range(1, longest + 1):
+        names = ["/".join(x[-depth:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    return list(paths)
+
+
 def _table(results: dict[str, dict[str, Any]], data: Path, reference: Path | None) -> Table:
     title = f"eval on {data.name}" + (f" (reference: {reference})" if reference else "")
     table = Table(title=title)
     for column in ("artifact", "n", "metric", "value [95% CI]", "drop vs ref [95% CI]",
                    "agreement", "KL"):
         table.add_column(column, justify="left" if column in ("artifact", "metric") else "right")
-    for name, r in results.items():
+    for name, r in zip(short_names(list(results)), results.values(), strict=True):
         ref = r.get("reference") or {}
         drop = (f"{_fmt(ref.get('metric_drop'))} {_fmt(ref.get('drop_ci95'))}"
                 if ref else "-")
-        table.add_row(Path(name).name, str(r["n"]), r["metric"],
+        table.add_row(name, str(r["n"]), r["metric"],
                       f"{_fmt(r['value'])} {_fmt(r['ci95'])}", drop,
                       _fmt(ref.get("agreement")), _fmt(ref.get("kl"), 5))
     return table

@@ -70,13 +70,28 @@ def plan(task: str, quick: bool) -> DemoPlan:
                     duration_s=10, eval_samples=200)
 
 
-def _adapter(out: Path, cfg: FinetuneConfig, train: Callable[[Path], Path]) -> Path:
-    """Reuse the adapter in ``out`` if it was trained with the same settings."""
-    summary = out / "training.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("config") == asdict(cfg):
+def _adapter(out: Path, cfg: FinetuneConfig, base: Path, train_file: Path,
+             limit: int | None, train: Callable[[Path], Path]) -> Path:
+    """Reuse the adapter in ``out`` if it was trained with the same settings and inputs.
+
+    The key covers the fine-tune settings, the base model's files and the training split,
+    so a new model or data package (or an edited split) retrains instead of reusing.
+    """
+    from serve.artifact import list_files, sha256_file, tree_digest
+
+    key = {"config": asdict(cfg), "base": tree_digest(list_files(base)),
+           "train": sha256_file(train_file), "limit": limit}
+    key_file = out / "demo-key.json"
+    if key_file.is_file() and json.loads(key_file.read_text()) == key:
         log.info("reusing fine-tuned adapter %s", out)
         return out
-    return train(out)
+    adapter = train(out)
+    # Written after the adapter lands: an interrupted run retrains, it never reuses a
+    # half-written adapter.
+    tmp = key_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(key, indent=2) + "\n")
+    tmp.replace(key_file)
+    return adapter
 
 
 def classification_checkpoint(work: Path, p: DemoPlan, report: Report) -> dict[str, Path]:
@@ -96,7 +111,8 @@ def classification_checkpoint(work: Path, p: DemoPlan, report: Report) -> dict[s
         return finetune_classifier(minilm_path(), [e.text for e in examples],
                                    map_labels(examples, labels), labels, dst, p.finetune)
 
-    adapter = _adapter(work / "checkpoints" / "minilm-sentiment-lora", p.finetune, train)
+    adapter = _adapter(work / "checkpoints" / "minilm-sentiment-lora", p.finetune, minilm_path(),
+                       splits["train"], p.train_limit, train)
     return {"base": minilm_path(), "adapter": adapter, **splits}
 
 
@@ -125,7 +141,8 @@ def generation_checkpoint(work: Path, p: DemoPlan, report: Report) -> dict[str, 
         return finetune_lm(base, [e.text for e in examples], [e.answer for e in examples],
                            dst, p.finetune)
 
-    adapter = _adapter(work / "checkpoints" / "smollm2-sentiment-lora", p.finetune, train)
+    adapter = _adapter(work / "checkpoints" / "smollm2-sentiment-lora", p.finetune, base,
+                       prompts["train"], p.train_limit, train)
     return {"base": base, "adapter": adapter, **prompts}
 
 

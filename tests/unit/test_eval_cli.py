@@ -172,3 +172,12 @@ def test_answers_eval_of_a_generator_against_itself(tiny, tmp_path):
     assert result["kind"] == "answers" and result["metric"] == "contains_answer"
     assert result["value"] == pytest.approx(expected)
     assert result["reference"]["agreement"] == 1.0 and result["reference"]["metric_drop"] == 0
+
+
+def test_table_names_tell_same_named_artifacts_apart():
+    from compress.commands.eval import short_names
+
+    assert short_names(["/x/untuned/merge", "/x/tuned/merge", "/x/tuned/onnx-int8"]) == [
+        "untuned/merge", "tuned/merge", "tuned/onnx-int8"]
+    assert short_names(["/a/fp32", "/a/int8"]) == ["fp32", "int8"]
+    assert short_names(["run/merge", "/abs/run/merge"]) == ["run/merge", "abs/run/merge"]

@@ -162,6 +162,18 @@ def test_summarize_merges_repeats_exactly():
     assert total["tokens_per_s"] == 20.0  # (80 + 120) tokens / 10 s
 
 
+
+def test_throughput_window_opens_at_run_start_not_first_response():
+    # Two slow requests: the first completes 3 s into the run, the last at 5 s. Measured
+    # from the first response (2 s) this would read 1 req/s; the run really did 2 in 5 s.
+    run = [_entry("RUN", "start", {0: 1}, start=100.0, end=100.0),
+           _entry("POST", "/generate [stream]", {3000: 1, 2000: 1}, start=103.0, end=105.0)]
+    total = summarize([run])
+    assert total["requests"] == 2  # the marker is not a request
+    assert total["duration_s"] == 5.0 and total["rps"] == 0.4
+    # Runs written without the marker fall back to the first response.
+    assert summarize([run[1:]])["duration_s"] == 2.0
+
 # --- output files --------------------------------------------------------------------
 
 def test_write_report_outputs(tmp_path):
