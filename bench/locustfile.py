@@ -24,6 +24,11 @@ User classes (pick one by name on the command line):
 The harness runs Locust with ``--stop-timeout``: at the end of a run every request in
 flight completes (a client that drops a stream mid-response is not what is measured).
 
+At test start a ``RUN start`` entry (response time 0) is recorded: its ``start_time``
+marks the beginning of the measured window, so throughput is requests over [run start,
+last response] rather than over [first response, last response] (which drops the first
+request and overstates req/s when a run completes only a few slow requests).
+
 Generation requests stream (SSE) and record extra Locust entries: ``TTFT`` (time to
 first token), ``ITL`` (each inter-token gap) and ``tokens`` (response time = whole
 stream, response length = number of streamed tokens, so tokens/s = length / time).
@@ -120,13 +125,21 @@ def generate_stream(client, name: str = "/generate [stream]") -> None:
             return
         total_ms = (time.perf_counter() - start) * 1000
         resp.request_meta["response_time"] = total_ms
-        if not done or not arrivals:
-            resp.failure("stream ended without tokens or without [DONE]")
+        if not done:
+            resp.failure("stream ended without [DONE]")
             return
-        _fire("TTFT", (arrivals[0] - start) * 1000)
+        # A model may answer with EOS straight away: an empty completion is a valid
+        # response (0 tokens), it only has no first token to time.
+        if arrivals:
+            _fire("TTFT", (arrivals[0] - start) * 1000)
         for prev, cur in itertools.pairwise(arrivals):
             _fire("ITL", (cur - prev) * 1000)
         _fire("tokens", total_ms, len(arrivals))
+
+
+@events.test_start.add_listener
+def _mark_run_start(environment, **_kwargs) -> None:
+    _fire("start", 0.0, kind="RUN")
 
 
 _REQUEST = generate_stream if TASK == "text-generation" else classify
