@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,30 @@ def _batches(n: int, cfg: FinetuneConfig):
         order = order[cfg.batch_size:]
 
 
-def _train(model, make_batch, n: int, cfg: FinetuneConfig, desc: str) -> list[float]:
+def answer_loss(model, batch: dict[str, Any]):
+    """Causal-LM loss on the answer tokens, with logits computed only where they are needed.
+
+    Sequences are left-padded, so every answer (and its EOS) sits in the last positions.
+    The LM head then runs on the last ``answer + 1`` positions only (``logits_to_keep``)
+    instead of all of them: the same mean cross-entropy as the model's own ``labels=`` loss,
+    without a (batch × length × 49k-vocab) logit tensor and its backward pass.
+    """
+    import torch
+
+    labels = batch["labels"]
+    answer = int((labels != -100).sum(dim=1).max())
+    keep = answer + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=keep).logits
+    # logits[:, j] predicts the token after position L - keep + j.
+    targets = labels[:, -(keep - 1):]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        ignore_index=-100)
+
+
+def _train(model, make_batch, n: int, cfg: FinetuneConfig, desc: str,
+           loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None) -> list[float]:
     import torch
     from tqdm import tqdm
 
@@ -73,7 +97,8 @@ def _train(model, make_batch, n: int, cfg: FinetuneConfig, desc: str) -> list[fl
     losses = []
     bar = tqdm(_batches(n, cfg), total=cfg.steps, desc=desc, unit="step")
     for indices in bar:
-        loss = model(**make_batch(indices)).loss
+        batch = make_batch(indices)
+        loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -171,7 +196,7 @@ def finetune_lm(base: Path, prompts: list[str], answers: list[str], out: Path,
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "attention_mask": torch.tensor(mask)}
 
-    losses = _train(peft_model, make_batch, len(encoded), cfg, "fine-tune LM")
+    losses = _train(peft_model, make_batch, len(encoded), cfg, "fine-tune LM", answer_loss)
     summary = {"base": str(base), "config": asdict(cfg), "examples": len(encoded),
                "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                "perplexity_of_answers": math.exp(sum(losses[-20:]) / len(losses[-20:]))}
