@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 
@@ -47,6 +46,7 @@ def onnx_speed(teacher_dir: Path, student_dir: Path, texts: list[str], out: Path
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
+    from compress.stages.distill_speed import speed_summary, time_interleaved
     from compress.stages.export import export_onnx
 
     sessions = {}
@@ -62,20 +62,12 @@ def onnx_speed(teacher_dir: Path, student_dir: Path, texts: list[str], out: Path
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     batch = tokenizer(texts[:batch_size], padding=True, truncation=True, max_length=128,
                       return_tensors="np")
-    times: dict[str, list[float]] = {"teacher": [], "student": []}
-    for i in range(repeats + 2):
-        for name, session in sessions.items():
-            feed = {k.name: batch[k.name].astype("int64") for k in session.get_inputs()}
-            start = time.perf_counter()
-            session.run(None, feed)
-            if i >= 2:  # two warm-up rounds
-                times[name].append(time.perf_counter() - start)
-    teacher_ms = statistics.median(times["teacher"]) * 1e3
-    student_ms = statistics.median(times["student"]) * 1e3
-    return {"runtime": f"onnxruntime {ort.__version__} CPU EP fp32, {threads} threads",
-            "batch_size": batch_size, "seq_len": int(batch["input_ids"].shape[1]),
-            "teacher_ms": round(teacher_ms, 2), "student_ms": round(student_ms, 2),
-            "speed_ratio": round(teacher_ms / student_ms, 3)}
+    feeds = {name: {k.name: batch[k.name].astype("int64") for k in session.get_inputs()}
+             for name, session in sessions.items()}
+    times = time_interleaved({name: (lambda s=session, f=feeds[name]: s.run(None, f))
+                              for name, session in sessions.items()}, repeats, warmup=2)
+    return speed_summary(f"onnxruntime {ort.__version__} CPU EP fp32, {threads} threads",
+                         batch_size, int(batch["input_ids"].shape[1]), times)
 
 
 def main() -> None:

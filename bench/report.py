@@ -144,6 +144,26 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _labels(points: list[tuple[float, float]], names: list[str]
+            ) -> list[tuple[tuple[float, float], str, tuple[int, int]]]:
+    """One label per distinct point (names of coincident variants joined), with label
+    offsets that alternate above/below when points crowd each other."""
+    merged: dict[tuple[float, float], list[str]] = {}
+    for point, name in zip(points, names, strict=True):
+        merged.setdefault(point, []).append(name)
+    xs = [x for x, _ in merged] or [0.0]
+    ys = [y for _, y in merged] or [0.0]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []
+    out = []
+    for (x, y), group in sorted(merged.items()):
+        crowded = any(abs(x - px) < 0.08 * span_x and abs(y - py) < 0.06 * span_y
+                      for px, py in placed)
+        placed.append((x, y))
+        out.append(((x, y), ", ".join(group), (6, -12) if crowded else (6, 6)))
+    return out
+
+
 def plot_pareto(results: dict[str, Any], path: Path) -> None:
     """Write ``pareto.png``: p95 latency vs accuracy per load level, bubble = bytes.
 
@@ -178,8 +198,8 @@ def plot_pareto(results: dict[str, Any], path: Path) -> None:
         if points:
             xs, ys = zip(*points, strict=True)
             ax.scatter(xs, ys, s=bubble, alpha=0.5, edgecolors="black")
-            for (x, y), name in zip(points, names, strict=True):
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+            for (x, y), name, offset in _labels(points, names):
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=offset, fontsize=8)
             front = [points[i] for i in pareto_front(points)]
             fx, fy = zip(*front, strict=True)
             ax.step(fx, fy, where="post", color="tab:red", marker="x", label="Pareto front")

@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import shutil
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from compress.errors import InputError, RecipeError, StageFailed
 from compress.models import check_safetensors, load_model, load_tokenizer, save_model
 from compress.recipe import DataFile, DistillConfig
 from compress.stages.base import StageContext, StageResult
+from compress.stages.distill_speed import speed
 from compress.stages.distill_student import build_student, count_parameters, hidden_map
 from compress.stages.distill_train import Encoded, Validator, collate, encode, train
 from serve.artifact import MANIFEST_NAME, Manifest, read_manifest, sha256_file, tree_digest
@@ -144,31 +143,6 @@ def checkpoint_key(config: DistillConfig, src: Path, ctx: StageContext) -> str:
     blob = json.dumps([config.model_dump(mode="json"), ctx.recipe.task, ctx.recipe.labels,
                        teacher, files, fields], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def speed(teacher, student, tokenizer, texts: list[str], batch_size: int,
-          max_length: int, repeats: int = 5) -> dict[str, Any]:
-    """Median forward time of teacher and student on one fixed padded batch (torch, CPU)."""
-    import torch
-
-    texts = (texts * (batch_size // max(len(texts), 1) + 1))[:batch_size]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                      max_length=max_length)
-    batch.pop("token_type_ids", None)
-    times: dict[str, list[float]] = {"teacher": [], "student": []}
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            for name, model in (("teacher", teacher), ("student", student)):
-                start = time.perf_counter()
-                model(**batch)
-                if i:  # the first round is warm-up
-                    times[name].append(time.perf_counter() - start)
-    teacher_ms = statistics.median(times["teacher"]) * 1e3
-    student_ms = statistics.median(times["student"]) * 1e3
-    return {"runtime": f"torch fp32 cpu, {torch.get_num_threads()} threads",
-            "batch_size": batch_size, "seq_len": int(batch["input_ids"].shape[1]),
-            "teacher_ms": round(teacher_ms, 2), "student_ms": round(student_ms, 2),
-            "speed_ratio": round(teacher_ms / student_ms, 3)}
 
 
 def _runtime(path: Path, task: str, name: str):

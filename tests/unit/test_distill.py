@@ -419,3 +419,17 @@ def test_teacher_logit_cache_is_classification_only(tiny, tmp_path):
                                                         [{"text": "a b"}])}})
     with pytest.raises(InputError, match=r"stages\[1\]\.cache_teacher_logits"):
         distill(recipe.stages[1], tiny["llama"], tmp_path / "dst", StageContext(recipe, 1))
+
+
+def test_speed_timing_alternates_calls_and_skips_warmup():
+    from compress.stages.distill_speed import speed_summary, time_interleaved
+
+    order: list[str] = []
+    times = time_interleaved({"teacher": lambda: order.append("t"),
+                              "student": lambda: order.append("s")}, repeats=3, warmup=2)
+    assert order == ["t", "s"] * 5
+    assert [len(v) for v in times.values()] == [3, 3]
+    summary = speed_summary("x", 4, 9, {"teacher": [0.004, 0.002, 0.003],
+                                        "student": [0.001, 0.002, 0.001]})
+    assert summary["teacher_ms"] == 3.0 and summary["student_ms"] == 1.0
+    assert summary["speed_ratio"] == 3.0

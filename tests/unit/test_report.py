@@ -213,3 +213,14 @@ def test_throughput_within_noise_goes_to_smaller_drop():
     assert rec["recommended"] == "near-exact"
     assert "within 5%" in rec["rejected"]["fast-lossy"]
     assert "serves less: 80.0 req/s" in rec["rejected"]["slower"]
+
+
+def test_pareto_labels_join_coincident_points_and_move_crowded_ones():
+    from bench.report import _labels
+
+    labels = _labels([(12.0, 0.74), (12.0, 0.74), (12.2, 0.7401), (40.0, 0.70)],
+                     ["distill", "onnx-fp32", "torch-nf4", "onnx-int8-static"])
+    by_name = {name: offset for _, name, offset in labels}
+    assert set(by_name) == {"distill, onnx-fp32", "torch-nf4", "onnx-int8-static"}
+    assert by_name["distill, onnx-fp32"] != by_name["torch-nf4"]  # crowded: moved apart
+    assert by_name["onnx-int8-static"] == (6, 6)
