@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Response]]
+Body = TypeVar("Body")  # the pydantic request model a route parses
 _DONE = object()
 # How often a request waiting for the model lock checks whether it was cancelled.
 _LOCK_POLL_S = 0.25
@@ -92,6 +93,17 @@ class Backend:
         if self.task != task:
             raise RequestError(f"{endpoint}: this artifact is a {self.task} model; "
                                f"{endpoint} needs a {task} model (use {alternative})")
+
+    async def parse(self, request: Request, schema: type[Body], endpoint: str, task: str,
+                    alternative: str) -> Body:
+        """Read and validate a request body, then check that this artifact serves ``task``.
+
+        Raises:
+            RequestError: A bad body (400/413/422 naming the field) or the wrong task.
+        """
+        body = parse_body(schema, await read_body(request, self.limits), self.limits)
+        self.require_task(endpoint, task, alternative)
+        return body
 
     async def call(self, name: str, **kwargs: Any) -> Any:
         """Call a batchable BentoML API of this service; map its failures to HTTP codes."""
@@ -232,9 +244,8 @@ def build_routes(get_backend: Callable[[], Backend]) -> list:
     @guard
     async def classify(request: Request) -> Response:
         backend = get_backend()
-        req = parse_body(ClassifyRequest, await read_body(request, backend.limits),
-                         backend.limits)
-        backend.require_task("/classify", "text-classification", "/generate")
+        req = await backend.parse(request, ClassifyRequest, "/classify", "text-classification",
+                                  "/generate")
         check_texts("texts", req.texts, backend.limits)
         texts = await fit_tokens(backend, "texts", req.texts, keep="head")
         rows = await backend.call("classify_batch", texts=texts)
@@ -246,9 +257,8 @@ def build_routes(get_backend: Callable[[], Backend]) -> list:
     @guard
     async def generate(request: Request) -> Response:
         backend = get_backend()
-        req = parse_body(GenerateRequest, await read_body(request, backend.limits),
-                         backend.limits)
-        backend.require_task("/generate", "text-generation", "/classify")
+        req = await backend.parse(request, GenerateRequest, "/generate", "text-generation",
+                                  "/classify")
         check_texts("prompts", req.prompts, backend.limits)
         max_new = req.max_new_tokens
         if "max_new_tokens" not in req.model_fields_set:  # a default never exceeds the cap

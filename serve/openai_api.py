@@ -20,13 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.http_api import Backend, endpoint, read_body
+from serve.http_api import Backend, endpoint
 from serve.schemas import (
     GenerateItem,
     RequestError,
     check_max_new_tokens,
     check_texts,
-    parse_body,
 )
 from serve.sse import sse, streaming_response
 from serve.token_limits import check_room, context_length, fit_tokens, prompt_room
@@ -163,9 +162,8 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
     @guard
     async def completions(request: Request) -> Response:
         backend = get_backend()
-        req = parse_body(CompletionRequest, await read_body(request, backend.limits),
-                         backend.limits)
-        backend.require_task("/v1/completions", "text-generation", "/classify")
+        req = await backend.parse(request, CompletionRequest, "/v1/completions",
+                                  "text-generation", "/classify")
         req.check()
         if req.echo or req.suffix:
             raise RequestError("echo/suffix: not supported")
@@ -199,8 +197,8 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
     @guard
     async def chat_completions(request: Request) -> Response:
         backend = get_backend()
-        req = parse_body(ChatRequest, await read_body(request, backend.limits), backend.limits)
-        backend.require_task("/v1/chat/completions", "text-generation", "/classify")
+        req = await backend.parse(request, ChatRequest, "/v1/chat/completions",
+                                  "text-generation", "/classify")
         req.check()
         if not req.messages:
             raise RequestError("messages: must contain at least one message")
