@@ -154,13 +154,15 @@ def _labels(points: list[tuple[float, float]], names: list[str]
     xs = [x for x, _ in merged] or [0.0]
     ys = [y for _, y in merged] or [0.0]
     span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-    placed: list[tuple[float, float]] = []
+    # A label is ~a quarter of a panel wide: labels closer than that on the same side clash.
+    placed: list[tuple[float, float, tuple[int, int]]] = []
     out = []
     for (x, y), group in sorted(merged.items()):
-        crowded = any(abs(x - px) < 0.08 * span_x and abs(y - py) < 0.06 * span_y
-                      for px, py in placed)
-        placed.append((x, y))
-        out.append(((x, y), ", ".join(group), (6, -12) if crowded else (6, 6)))
+        offset = next((o for o in ((6, 6), (6, -12)) if not any(
+            po == o and abs(x - px) < 0.25 * span_x and abs(y - py) < 0.06 * span_y
+            for px, py, po in placed)), (6, 6))
+        placed.append((x, y, offset))
+        out.append(((x, y), ", ".join(group), offset))
     return out
 
 
