@@ -6,7 +6,8 @@ variant → report. generation: LoRA-tune SmolLM2-135M-Instruct to answer a revi
 sentiment in one word → merge → variants → serve and bench with streaming → report.
 
 Everything expensive is cached under ``--out``: the data splits, the converted SmolLM2
-folder, the fine-tuned adapter (keyed by its settings) and every pipeline stage.
+folder, the fine-tuned adapter (keyed by its settings, base model and training split) and
+every pipeline stage.
 """
 
 from __future__ import annotations
