@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup test test-gpu lint demo tiny-demo tiny bench bench-offline clean bench-offline
+.PHONY: setup test test-gpu lint demo tiny-demo tiny bench bench-offline clean
 
 setup: $(STAMP)
 

@@ -63,13 +63,20 @@ def _batches(n: int, cfg: FinetuneConfig):
         order = order[cfg.batch_size:]
 
 
-def answer_loss(model, batch: dict[str, Any]):
+def answer_loss(model: Any, batch: dict[str, Any]) -> Any:
     """Causal-LM loss on the answer tokens, with logits computed only where they are needed.
 
     Sequences are left-padded, so every answer (and its EOS) sits in the last positions.
     The LM head then runs on the last ``answer + 1`` positions only (``logits_to_keep``)
     instead of all of them: the same mean cross-entropy as the model's own ``labels=`` loss,
     without a (batch × length × 49k-vocab) logit tensor and its backward pass.
+
+    Args:
+        model: A causal LM (or its PEFT wrapper) whose forward takes ``logits_to_keep``.
+        batch: ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the answers).
+
+    Returns:
+        The scalar loss tensor.
     """
     import torch
 

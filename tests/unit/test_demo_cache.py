@@ -11,13 +11,15 @@ from compress.demo.run import _adapter
 from serve.artifact import atomic_dir
 
 
-def _setup(tmp_path: Path) -> tuple[Path, Path]:
+@pytest.fixture
+def inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A base model folder, a training split and where the adapter goes."""
     base = tmp_path / "base"
     base.mkdir()
     (base / "model.safetensors").write_bytes(b"weights-v1")
     train = tmp_path / "train.jsonl"
     train.write_text('{"text": "fine", "label": "positive"}\n')
-    return base, train
+    return base, train, tmp_path / "lora"
 
 
 def _trainer(calls: list[Path]):
@@ -29,20 +31,20 @@ def _trainer(calls: list[Path]):
     return train
 
 
-def test_adapter_is_reused_for_same_settings_and_inputs(tmp_path):
-    base, train = _setup(tmp_path)
+def test_adapter_is_reused_for_same_settings_and_inputs(inputs):
+    base, train, out = inputs
     calls: list[Path] = []
-    out, cfg = tmp_path / "lora", FinetuneConfig(steps=5)
+    cfg = FinetuneConfig(steps=5)
     assert _adapter(out, cfg, base, train, None, _trainer(calls)) == out
     assert _adapter(out, cfg, base, train, None, _trainer(calls)) == out
     assert len(calls) == 1
     assert (out / "adapter_model.safetensors").read_bytes() == b"adapter 1"
 
 
-def test_adapter_retrains_when_anything_it_was_made_from_changes(tmp_path):
-    base, train = _setup(tmp_path)
+def test_adapter_retrains_when_anything_it_was_made_from_changes(inputs):
+    base, train, out = inputs
     calls: list[Path] = []
-    out, cfg = tmp_path / "lora", FinetuneConfig(steps=5)
+    cfg = FinetuneConfig(steps=5)
     _adapter(out, cfg, base, train, None, _trainer(calls))
     _adapter(out, FinetuneConfig(steps=6), base, train, None, _trainer(calls))  # settings
     assert len(calls) == 2
@@ -57,10 +59,10 @@ def test_adapter_retrains_when_anything_it_was_made_from_changes(tmp_path):
     assert (out / "adapter_model.safetensors").read_bytes() == b"adapter 5"
 
 
-def test_interrupted_training_is_not_reused(tmp_path):
-    base, train = _setup(tmp_path)
+def test_interrupted_training_is_not_reused(inputs):
+    base, train, out = inputs
     calls: list[Path] = []
-    out, cfg = tmp_path / "lora", FinetuneConfig(steps=5)
+    cfg = FinetuneConfig(steps=5)
 
     def crash(dst: Path) -> Path:
         raise KeyboardInterrupt
