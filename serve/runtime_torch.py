@@ -115,6 +115,7 @@ class TorchRuntime:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_ids = frozenset(self._eos)
 
     def _max_length(self) -> int:
         limits = [self.tokenizer.model_max_length,
@@ -308,6 +309,13 @@ class TorchRuntime:
     def count_tokens(self, text: str) -> int:
         """Tokens the model sees for ``text``, special tokens (BOS, CLS/SEP) included."""
         return len(self.tokenizer(text, verbose=False)["input_ids"])
+
+    def step_lm(self):
+        """A :class:`serve.step_lm.StepLM` over this runtime's model (weights shared)."""
+        self._need("text-generation")
+        from serve.step_lm import TorchStepLM
+
+        return TorchStepLM(self.model, self.max_length)
 
 
 def finish_generation(tokenizer: Any, eos: set[int], ids: list[int],
