@@ -160,6 +160,13 @@ class OnnxRuntime:
         """Tokens the model sees for ``text``, special tokens included."""
         return len(self.tokenizer(text)["input_ids"])
 
+    def step_lm(self):
+        """A :class:`serve.step_lm.StepLM` driving this runtime's ORT session (shared)."""
+        self._need("text-generation")
+        from serve.step_lm_onnx import OnnxStepLM
+
+        return OnnxStepLM(self._lm.model.session, self.max_length)
+
 
 def _ort_causal_lm_class():
     from serve.runtime_torch import TorchRuntime

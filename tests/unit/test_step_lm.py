@@ -97,7 +97,7 @@ def interleaved(step, prompts: list[list[int]]) -> tuple[dict[int, list[int]], d
     return got, {i: np.stack(rows) for i, rows in logits.items()}
 
 
-@pytest.mark.parametrize("fmt", ["torch"])
+@pytest.mark.parametrize("fmt", ["torch", "onnx"])
 def test_interleaved_greedy_equals_alone_and_generate(runtimes, prompts, fmt):
     step = runtimes[fmt].step_lm()
     model = runtimes["torch"].model
@@ -115,8 +115,9 @@ def test_interleaved_greedy_equals_alone_and_generate(runtimes, prompts, fmt):
     assert step.table.lengths == {} and step.table.kv == []  # everything freed
 
 
-def test_free_releases_the_slot_and_subset_decode(runtimes, prompts):
-    step = runtimes["torch"].step_lm()
+@pytest.mark.parametrize("fmt", ["torch", "onnx"])
+def test_free_releases_the_slot_and_subset_decode(runtimes, prompts, fmt):
+    step = runtimes[fmt].step_lm()
     solo = [alone(step, p, 6)[0] for p in prompts[:3]]
     first = [int(step.prefill(slot, p).argmax()) for slot, p in enumerate(prompts[:3])]
     seqs = [[t] for t in first]
@@ -146,8 +147,9 @@ def test_free_releases_the_slot_and_subset_decode(runtimes, prompts):
     assert step.table.kv == [] and step.table.lengths == {}
 
 
-def test_context_is_bounded(runtimes):
-    step = runtimes["torch"].step_lm()
+@pytest.mark.parametrize("fmt", ["torch", "onnx"])
+def test_context_is_bounded(runtimes, fmt):
+    step = runtimes[fmt].step_lm()
     assert step.max_length == 128 and step.vocab_size == 82
     with pytest.raises(ContextLengthExceeded):
         step.prefill(0, [2] * step.max_length)
