@@ -161,3 +161,35 @@ def test_context_is_bounded(runtimes, fmt):
         step.decode([0], [5])
     step.free(0)
     assert step.decode([], []).shape == (0, 82)
+
+
+def test_bitsandbytes_nf4_runs_through_the_torch_path(tiny, tmp_path, prompts):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from compress.stages.quantize import bnb_quantize
+
+    # bitsandbytes' CPU 4-bit kernels need in_features % 64 == 0: a wider Llama than the tiny one
+    tok = AutoTokenizer.from_pretrained(tiny["llama"])
+    torch.manual_seed(0)
+    wide = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False))
+    wide.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    wide.save_pretrained(tmp_path / "wide", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "wide")
+    dst = tmp_path / "nf4"
+    dst.mkdir()
+    bnb_quantize(tmp_path / "wide", dst, "text-generation", "nf4")
+    write_manifest(dst, Manifest(name="nf4", task="text-generation", format="torch",
+                                 precision="nf4"))
+    rt = load_runtime(dst, device="cpu")
+    assert type(rt.model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    step = rt.step_lm()
+    solo = [alone(step, p, N_ALONE) for p in prompts]
+    got, logits = interleaved(step, prompts)
+    for i, (_, _, n) in enumerate(SCHEDULE):
+        # measured: identical tokens, logits within 2e-7 of the lone run (kernel rounding)
+        assert got[i] == solo[i][0][:n], i
+        np.testing.assert_allclose(logits[i], solo[i][1][:n], atol=1e-5)
