@@ -97,9 +97,17 @@ def interleaved(step, prompts: list[list[int]]) -> tuple[dict[int, list[int]], d
     return got, {i: np.stack(rows) for i, rows in logits.items()}
 
 
-@pytest.mark.parametrize("fmt", ["torch", "onnx"])
-def test_interleaved_greedy_equals_alone_and_generate(runtimes, prompts, fmt):
-    step = runtimes[fmt].step_lm()
+@pytest.mark.parametrize("fmt", ["torch", "torch-eager", "onnx"])
+def test_interleaved_greedy_equals_alone_and_generate(runtimes, prompts, fmt, tiny):
+    if fmt == "torch-eager":  # the additive-mask path (the runtime loads sdpa)
+        from transformers import AutoModelForCausalLM
+
+        from serve.step_lm import TorchStepLM
+
+        eager = AutoModelForCausalLM.from_pretrained(tiny["llama"], attn_implementation="eager")
+        step = TorchStepLM(eager.eval(), 128)
+    else:
+        step = runtimes[fmt].step_lm()
     model = runtimes["torch"].model
     solo = [alone(step, p, N_ALONE) for p in prompts]
     for prompt, (ids, _) in zip(prompts, solo, strict=True):
