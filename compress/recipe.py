@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from compress.errors import RecipeError
 from serve.artifact import Task
@@ -165,33 +172,97 @@ class ExportVariant(Strict):
 
     Attributes:
         format: ``onnx`` (optimum-onnx, fp32/fp16) or ``onnx-genai`` (onnxruntime-genai
-            model builder, causal LMs only: fp32/int8/int4 on CPU, fp16/int4 on CUDA).
+            model builder, causal LMs only: fp32/int8/int4 on CPU, fp16/int4 on CUDA);
+            any export method registered in ``compress/stages/registry.py``.
         precision: Weight precision of the exported model.
         device: Execution provider an ``onnx-genai`` model is built for.
         block_size: Block size of int4 weights (``onnx-genai``, precision int4).
         symmetric: Symmetric int4 quantization (``onnx-genai``, precision int4).
+        algorithm: The builder's int4 algorithm (``onnx-genai``, precision int4): ``rtn``,
+            ``k_quant``, ``k_quant_mixed`` (int8 for the LM head and llama.cpp's sensitive
+            layers), ``k_quant_last`` (int8 LM head); None: the builder's default RTN.
+            (GPTQ, HQQ and GGUF block import for this runtime: ``kind: quantize``,
+            ``method: int4-weight-only``, ``graph: genai``.)
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     kind: Literal["export"] = "export"
-    format: Literal["onnx", "onnx-genai"] = "onnx"
+    format: str = "onnx"
     precision: Literal["fp32", "fp16", "int8", "int4"] = "fp32"
     device: Literal["cpu", "cuda"] = "cpu"
     block_size: int = Field(default=32, gt=0)
     symmetric: bool = True
+    algorithm: str | None = None
     gates: Gates | None = None  # overrides the recipe's gates for this variant
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        from compress.stages import registry
+
+        if value not in registry.names("export"):
+            raise ValueError(f"unknown format {value!r}; choose one of "
+                             f"{', '.join(registry.names('export'))}")
+        return value
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str | None) -> str | None:
+        from compress.stages.int4 import GENAI_ALGORITHMS
+
+        if value is not None and value not in GENAI_ALGORITHMS:
+            raise ValueError(f"unknown onnx-genai int4 algorithm {value!r}; choose one of "
+                             f"{', '.join(GENAI_ALGORITHMS)}")
+        return value
+
+
+_COMMON_VARIANT_KEYS = ("name", "kind", "method", "gates")
 
 
 class QuantizeVariant(Strict):
-    """A quantized variant of the reference model."""
+    """A quantized variant of the reference model.
+
+    ``method`` names a method registered in ``compress/stages/registry.py`` (int8-dynamic,
+    int8-static, int4-weight-only, nf4, int8-bnb, ...); the variant's other keys are that
+    method's options, validated by its config model and kept in ``options``.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     kind: Literal["quantize"] = "quantize"
-    method: Literal["int8-dynamic", "int8-static", "int4-weight-only", "nf4", "int8-bnb"]
-    block_size: int = Field(default=32, gt=0)
-    symmetric: bool = True
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    method: str
     gates: Gates | None = None  # overrides the recipe's gates for this variant
+    options: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_options(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "options" not in data:
+            options = {k: v for k, v in data.items() if k not in _COMMON_VARIANT_KEYS}
+            data = {k: v for k, v in data.items() if k in _COMMON_VARIANT_KEYS}
+            data["options"] = options
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from compress.stages import registry
+
+        if value not in registry.names("quantize"):
+            raise ValueError(f"unknown method {value!r}; choose one of "
+                             f"{', '.join(registry.names('quantize'))}")
+        return value
+
+    @model_validator(mode="after")
+    def _validate_options(self) -> QuantizeVariant:
+        from compress.stages import registry
+
+        config = registry.get("quantize", self.method).config
+        if not isinstance(self.options, config):
+            try:
+                self.options = config.model_validate(self.options or {})
+            except ValidationError as exc:
+                raise ValueError("; ".join(_format_errors(exc))) from None
+        return self
 
 
 Variant = Annotated[ExportVariant | QuantizeVariant, Field(discriminator="kind")]

@@ -226,7 +226,8 @@ def check_genai_supported(src: Path) -> None:
 
 
 def build_genai(src: Path, dst: Path, precision: str, device: str = "cpu",
-                block_size: int = 32, symmetric: bool = True) -> dict[str, Any]:
+                block_size: int = 32, symmetric: bool = True,
+                algorithm: str | None = None) -> dict[str, Any]:
     """Build an onnxruntime-genai model folder with its model builder.
 
     Args:
@@ -236,6 +237,8 @@ def build_genai(src: Path, dst: Path, precision: str, device: str = "cpu",
         device: ``cpu`` or ``cuda`` (the execution provider the model is built for).
         block_size: Block size of int4 weight quantization.
         symmetric: Symmetric int4 quantization.
+        algorithm: The builder's ``int4_algo_config`` (``rtn``, ``k_quant``,
+            ``k_quant_mixed``, ...); None keeps its default RTN.
 
     Returns:
         Details for the manifest.
@@ -248,6 +251,8 @@ def build_genai(src: Path, dst: Path, precision: str, device: str = "cpu",
     if precision == "int4":
         options.update(int4_block_size=block_size, int4_is_symmetric=symmetric,
                        int4_accuracy_level=4 if device == "cpu" else 0)
+        if algorithm:
+            options["int4_algo_config"] = algorithm
     cache = dst.parent / f"{dst.name}-builder-cache"
     stack, buffer = _quiet()
     try:

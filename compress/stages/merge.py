@@ -45,6 +45,28 @@ def _adapter_head_labels(adapter: Path) -> int | None:
     return None
 
 
+def _check_head(recipe: Recipe, files: list[Path]) -> None:
+    """Refuse a classification base that has no classifier head and no adapter with one.
+
+    Without head weights every load draws a new random head: the variants would then
+    "differ" from the reference for no reason the user could see.
+    """
+    from safetensors import safe_open
+
+    if recipe.task != "text-classification" or any(
+            _adapter_head_labels(a.path) is not None for a in recipe.adapters):
+        return
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            if any(key.endswith(HEAD_SUFFIXES) for key in fh.keys()):  # noqa: SIM118
+                return
+    raise InputError(f"base.path: {recipe.base.path} has no classifier head weights (none of "
+                     f"{', '.join(HEAD_SUFFIXES)}): it is an encoder, not a fine-tuned "
+                     "classifier, and every load would draw a new random head; give a "
+                     "fine-tuned classification checkpoint, or an adapter trained with the "
+                     "head in modules_to_save")
+
+
 def _label_kwargs(recipe: Recipe) -> dict[str, Any]:
     """num_labels / id2label for a classifier, from the recipe, adapters or base config."""
     if recipe.task != "text-classification":
@@ -160,13 +182,14 @@ def merge(config: MergeConfig, src: Path, dst: Path, ctx: StageContext) -> Stage
         Fidelity metrics per adapter and which base weights were used.
 
     Raises:
-        InputError: Unreadable base or adapter, or an adapter made for another base.
+        InputError: Unreadable base or adapter, an adapter made for another base, or a
+            classification base without classifier head weights (and no adapter head).
         StageFailed: NaN/inf or a logits difference above ``config.tolerance``.
     """
     recipe = ctx.recipe
     base = recipe.base
     if not base.gguf_file:
-        check_safetensors(src, "base.path")
+        _check_head(recipe, check_safetensors(src, "base.path"))
     for i, adapter in enumerate(recipe.adapters):
         check_safetensors(adapter.path, f"adapters[{i}].path")
 

@@ -111,21 +111,65 @@ def int8_static(src_dir: Path, dst_dir: Path, texts: list[str], method: str) -> 
             "calibration_samples": len(texts)}
 
 
-def int4_weight_only(src_dir: Path, dst_dir: Path, block_size: int,
-                     symmetric: bool) -> dict[str, Any]:
-    """4-bit weight-only quantization of MatMul weights (ONNX Runtime MatMulNBits, RTN)."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def int4_weight_only(ctx) -> dict[str, Any]:
+    """4-bit weight-only quantization into MatMulNBits with the variant's int4 algorithm.
 
-    src, dst = _onnx_paths(src_dir, dst_dir)
-    quantizer = MatMulNBitsQuantizer(onnx.load(src), bits=4, block_size=block_size,
-                                     is_symmetric=symmetric, accuracy_level=4,
-                                     op_types_to_quantize=("MatMul",))
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
-    return {"tool": "onnxruntime.quantization.matmul_nbits_quantizer", "algorithm": "RTN",
-            "bits": 4, "block_size": block_size, "symmetric": symmetric,
-            "accuracy_level": 4, "operators": "MatMulNBits"}
+    Starts from the fp32 optimum export (``graph: optimum``) or the onnxruntime-genai fp32
+    build (``graph: genai``); when the base is a GGUF and ``gguf_blocks`` is on, MatMuls
+    whose weights its Q4_0/Q4_1 blocks reproduce exactly take those blocks first.
+
+    Args:
+        ctx: The registry's ``BuildContext`` (options: ``Int4Options``).
+
+    Returns:
+        Details for the manifest: algorithm and its options, calibration samples, GGUF
+        import, operator counts.
+    """
+    import onnx
+
+    from compress.stages import int4
+    from compress.stages.methods import calibration_texts, genai_fp32
+    from compress.stages.variants import fp32_onnx
+
+    options = ctx.options
+    base: dict[str, Any] = {}
+    if options.graph == "genai":
+        src = genai_fp32(ctx)
+        base["genai_fp32"] = str(src)
+        for path in src.iterdir():
+            if path.is_file() and not path.name.startswith("model.onnx"):
+                shutil.copy2(path, ctx.dst / path.name)
+    else:
+        src, base["export"] = fp32_onnx(ctx.reference_dir, ctx.reference, ctx.dst.parent,
+                                        ctx.report)
+        copy_side_files(src, ctx.dst)
+        (ctx.dst / "export.json").unlink(missing_ok=True)
+    model = onnx.load(src / "model.onnx")
+    details: dict[str, Any] = {"tool": "onnxruntime.quantization.matmul_nbits_quantizer",
+                               "bits": 4, "block_size": options.block_size,
+                               "accuracy_level": options.accuracy_level,
+                               "graph": options.graph, "options": options.model_dump()}
+    base_spec = ctx.recipe.base
+    if options.gguf_blocks and base_spec.gguf_file:
+        from compress.stages.gguf_blocks import import_gguf_blocks
+
+        ctx.report("writing the GGUF's Q4 blocks into MatMulNBits")
+        details["gguf_blocks"] = import_gguf_blocks(
+            model, base_spec.path / base_spec.gguf_file, options.accuracy_level)
+    reader = None
+    if int4.ALGORITHMS[options.algorithm].calibrated:
+        texts = calibration_texts(ctx.recipe, default=32)
+        reader = int4.LMCalibrationReader(src / "model.onnx", ctx.reference_dir, texts,
+                                          options.calibration_max_length)
+        details["calibration_samples"] = len(texts)
+        details["calibration_file"] = str(ctx.recipe.data.calibration.path)
+    ctx.report(f"quantizing: int4 weight-only, {options.algorithm}, block "
+               f"{options.block_size}" + (f", {len(reader)} calibration texts" if reader else ""))
+    model, info = int4.quantize_graph(model, options, reader)
+    details.update(info)
+    onnx.save(model, ctx.dst / "model.onnx")
+    base["quantization"] = details
+    return base
 
 
 def _bnb_skip_modules(model) -> tuple[list[str], list[str]]:

@@ -1,0 +1,264 @@
+"""The built-in variant methods, each one ``@register`` entry (see ``registry.py``).
+
+``kind: export`` — ``onnx`` (optimum, fp32/fp16) and ``onnx-genai`` (onnxruntime-genai
+builder). ``kind: quantize`` — ``int8-dynamic``, ``int8-static`` (ONNX Runtime),
+``int4-weight-only`` (MatMulNBits with a registered int4 algorithm, see ``int4.py``),
+``nf4`` and ``int8-bnb`` (bitsandbytes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from compress.errors import InputError
+from compress.recipe import ExportVariant, Recipe, Strict
+from compress.stages.registry import BuildContext, register
+
+
+class VariantError(InputError):
+    """A variant cannot be built as declared (task, method, data or device)."""
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA device."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+class NoOptions(Strict):
+    """A method without options."""
+
+
+class Int8StaticOptions(Strict):
+    """Options of ``int8-static``.
+
+    Attributes:
+        calibration_method: How activation ranges are calibrated on ``data.calibration``.
+    """
+
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+
+
+class Int4Options(Strict):
+    """Options of ``int4-weight-only`` (MatMulNBits).
+
+    Attributes:
+        algorithm: A registered int4 algorithm (``compress/stages/int4.py``): ``rtn``,
+            ``gptq`` (needs ``data.calibration``), ``hqq``, ``k_quant``, ``k_quant_mixed``.
+        block_size: Weights per scale (power of two, >= 16).
+        symmetric: Symmetric quantization (rtn/gptq; hqq and k_quant are asymmetric);
+            None: the algorithm's default (rtn symmetric, gptq asymmetric).
+        accuracy_level: MatMulNBits compute type on CPU (4: int8 activations, fastest;
+            1: fp32).
+        graph: Which fp32 graph is quantized: ``optimum`` (optimum-onnx export, served by
+            ONNX Runtime) or ``genai`` (the onnxruntime-genai builder's fp32 model, served
+            by its C++ generator; text-generation only).
+        int8_lm_head: Quantize the LM head to 8 bits instead of 4.
+        embeddings: ``int4`` quantizes the embedding table (GatherBlockQuantized; ORT
+            quantizes Gather to 4 bits only), ``fp32`` keeps it.
+        gguf_blocks: When the base is a GGUF, write its Q4_0/Q4_1 blocks into the MatMuls
+            whose weights they reproduce exactly instead of rounding again.
+        percdamp: GPTQ dampening (fraction of the mean Hessian diagonal).
+        actorder: GPTQ: quantize columns in order of decreasing activation energy.
+        calibration_max_length: Tokens per calibration text (GPTQ).
+    """
+
+    algorithm: str = "rtn"
+    block_size: int = Field(default=32, ge=16)
+    symmetric: bool | None = None
+    accuracy_level: int = Field(default=4, ge=0, le=4)
+    graph: Literal["optimum", "genai"] = "optimum"
+    int8_lm_head: bool = False
+    embeddings: Literal["fp32", "int4"] = "fp32"
+    gguf_blocks: bool = True
+    percdamp: float = Field(default=0.01, gt=0)
+    actorder: bool = False
+    calibration_max_length: int = Field(default=128, gt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Int4Options:
+        from compress.stages.int4 import ALGORITHMS
+
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: unknown int4 algorithm {self.algorithm!r}; choose "
+                             f"one of {', '.join(sorted(ALGORITHMS))}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: {self.block_size} is not a power of two")
+        return self
+
+
+# --- export -----------------------------------------------------------------------------
+
+def _plan_onnx(recipe: Recipe, variant: ExportVariant) -> tuple[str, str]:
+    if variant.precision not in ("fp32", "fp16"):
+        raise VariantError(f"variant {variant.name}: format onnx exports fp32 or fp16; for "
+                           f"{variant.precision} use kind: quantize with method "
+                           "int8-dynamic/int4-weight-only")
+    return "onnx", variant.precision
+
+
+@register("export", "onnx", config=ExportVariant, plan=_plan_onnx,
+          summary="optimum-onnx export, fp32 or fp16")
+def _build_onnx(ctx: BuildContext) -> dict[str, Any]:
+    from compress.stages import export
+    from compress.stages.variants import fp32_onnx
+
+    src, details = fp32_onnx(ctx.reference_dir, ctx.reference, ctx.dst.parent, ctx.report)
+    base: dict[str, Any] = {"export": details}
+    if ctx.variant.precision == "fp32":
+        export.copy_side_files(src, ctx.dst)
+        for path in [src / "model.onnx", *src.glob("model.onnx*data")]:
+            (ctx.dst / path.name).write_bytes(path.read_bytes())
+    else:
+        ctx.report("converting fp32 ONNX to fp16")
+        base["fp16"] = export.convert_fp16(src, ctx.dst)
+        base["fp16"]["note"] = ("fp16 targets the CUDA EP; evaluated here on "
+                                + ("CUDA" if cuda_available() else
+                                   "the CPU EP (no GPU): accuracy is indicative, speed is not"))
+    (ctx.dst / "export.json").unlink(missing_ok=True)
+    return base
+
+
+def _plan_genai(recipe: Recipe, variant: ExportVariant) -> tuple[str, str]:
+    name = variant.name
+    if recipe.task != "text-generation":
+        raise VariantError(f"variant {name}: format onnx-genai is for text-generation "
+                           f"models, this recipe is {recipe.task}; use format: onnx")
+    if variant.device == "cuda" and not cuda_available():
+        raise VariantError(f"variant {name}: device cuda asked for but no CUDA GPU is "
+                           "available here; use device: cpu (fp32/int8/int4)")
+    if variant.precision == "fp16" and variant.device != "cuda":
+        raise VariantError(f"variant {name}: onnx-genai fp16 is a GPU-only option "
+                           "(device: cuda); on CPU use precision fp32, int8 or int4")
+    if variant.precision == "int8" and variant.device == "cuda":
+        raise VariantError(f"variant {name}: onnx-genai int8 is built for CPU only; "
+                           "use int4 or fp16 for cuda")
+    if variant.algorithm and variant.precision != "int4":
+        raise VariantError(f"variant {name}: algorithm applies to precision int4 only (this "
+                           f"variant is {variant.precision})")
+    return "onnx-genai", variant.precision
+
+
+@register("export", "onnx-genai", config=ExportVariant, plan=_plan_genai, version=2,
+          summary="onnxruntime-genai model builder")
+def _build_genai(ctx: BuildContext) -> dict[str, Any]:
+    from compress.stages import export
+    from compress.stages.variants import genai_check
+
+    v = ctx.variant
+    ctx.report(f"building with onnxruntime-genai ({v.precision}, {v.device}"
+               + (f", {v.algorithm}" if v.algorithm else "") + ")")
+    details = export.build_genai(ctx.reference_dir, ctx.dst, v.precision, v.device,
+                                 v.block_size, v.symmetric, v.algorithm)
+    details["check"] = genai_check(ctx.reference_dir, ctx.dst, v.precision)
+    return details
+
+
+# --- quantize ---------------------------------------------------------------------------
+
+def _plan_onnx_quantize(recipe: Recipe, variant: Any) -> tuple[str, str]:
+    return "onnx", variant.method
+
+
+def _plan_static(recipe: Recipe, variant: Any) -> tuple[str, str]:
+    if recipe.task == "text-generation":
+        raise VariantError(f"variant {variant.name}: method int8-static is not available "
+                           "for text-generation (the KV-cache graph is not calibrated); use "
+                           "int8-dynamic, int4-weight-only or format onnx-genai")
+    if recipe.data.calibration is None:
+        raise VariantError(f"variant {variant.name}: method int8-static needs calibration "
+                           "data; add data.calibration: {path: FILE, samples: 128} to the "
+                           "recipe (representative texts)")
+    return "onnx", variant.method
+
+
+def calibration_texts(recipe: Recipe, default: int = 128) -> list[str]:
+    """The texts of ``data.calibration`` (its ``samples`` first ones)."""
+    from compress.data import load_examples
+
+    spec = recipe.data.calibration
+    return [e.text for e in load_examples(spec, limit=spec.samples or default)]
+
+
+@register("quantize", "int8-dynamic", config=NoOptions, plan=_plan_onnx_quantize,
+          summary="ONNX Runtime dynamic int8, per-channel")
+def _build_int8_dynamic(ctx: BuildContext) -> dict[str, Any]:
+    from compress.stages import quantize
+    from compress.stages.variants import fp32_onnx
+
+    src, details = fp32_onnx(ctx.reference_dir, ctx.reference, ctx.dst.parent, ctx.report)
+    ctx.report("quantizing: int8 dynamic (per-channel)")
+    return {"export": details, "quantization": quantize.int8_dynamic(src, ctx.dst)}
+
+
+@register("quantize", "int8-static", config=Int8StaticOptions, plan=_plan_static,
+          summary="ONNX Runtime static int8 QDQ, calibrated")
+def _build_int8_static(ctx: BuildContext) -> dict[str, Any]:
+    from compress.stages import quantize
+    from compress.stages.variants import fp32_onnx
+
+    src, details = fp32_onnx(ctx.reference_dir, ctx.reference, ctx.dst.parent, ctx.report)
+    texts = calibration_texts(ctx.recipe)
+    method = ctx.options.calibration_method
+    ctx.report(f"quantizing: int8 static QDQ, {method} calibration on {len(texts)} samples")
+    result = quantize.int8_static(src, ctx.dst, texts, method)
+    return {"export": details, "quantization": result}
+
+
+def _plan_int4(recipe: Recipe, variant: Any) -> tuple[str, str]:
+    from compress.stages.int4 import ALGORITHMS
+
+    options = variant.options
+    if ALGORITHMS[options.algorithm].calibrated and recipe.data.calibration is None:
+        raise VariantError(f"variant {variant.name}: algorithm {options.algorithm} needs "
+                           "calibration data; add data.calibration: {path: FILE, samples: "
+                           "32} to the recipe (representative texts)")
+    if options.graph == "genai":
+        _plan_genai(recipe, ExportVariant(name=variant.name, format="onnx-genai"))
+        return "onnx-genai", "int4"
+    return "onnx", variant.method
+
+
+@register("quantize", "int4-weight-only", config=Int4Options, plan=_plan_int4, version=2,
+          summary="MatMulNBits int4 (rtn, gptq, hqq, k_quant, k_quant_mixed)")
+def _build_int4(ctx: BuildContext) -> dict[str, Any]:
+    from compress.stages.quantize import int4_weight_only
+
+    return int4_weight_only(ctx)
+
+
+def _plan_bnb(recipe: Recipe, variant: Any) -> tuple[str, str]:
+    return "torch", variant.method
+
+
+def _build_bnb(ctx: BuildContext) -> dict[str, Any]:
+    from compress.stages import quantize
+
+    ctx.report(f"quantizing with bitsandbytes ({ctx.variant.method})")
+    return quantize.bnb_quantize(ctx.reference_dir, ctx.dst, ctx.recipe.task,
+                                 ctx.variant.method)
+
+
+register("quantize", "nf4", config=NoOptions, plan=_plan_bnb,
+         summary="bitsandbytes NF4 (torch)")(_build_bnb)
+register("quantize", "int8-bnb", config=NoOptions, plan=_plan_bnb,
+         summary="bitsandbytes LLM.int8 (torch)")(_build_bnb)
+
+
+def genai_fp32(ctx: BuildContext) -> Path:
+    """The onnxruntime-genai fp32 build of the reference, built once into ``OUT/.cache``."""
+    from compress.stages import export
+    from serve.artifact import atomic_dir, tree_digest
+
+    folder = ctx.dst.parent / ".cache" / f"genai-fp32-{tree_digest(ctx.reference.files)[:16]}"
+    if not (folder / "genai_config.json").is_file():
+        ctx.report("building the onnxruntime-genai fp32 model to quantize")
+        with atomic_dir(folder) as tmp:
+            export.build_genai(ctx.reference_dir, tmp, "fp32", "cpu")
+    return folder

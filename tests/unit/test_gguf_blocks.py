@@ -1,0 +1,92 @@
+"""Exact GGUF Q4_0/Q4_1 block import into MatMulNBits, on a tiny GGUF written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from compress.stages.gguf_blocks import effective_weight, import_gguf_blocks
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny, tmp_path_factory):
+    """The tiny Llama's fp32 ONNX graph with weights replaced by Q4_0/Q4_1 round trips.
+
+    Returns (model path, GGUF path, {MatMul node: dequantized [K, N]}, untouched node).
+    """
+    import gguf
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import dequantize, quantize
+
+    from compress.stages.export import export_onnx
+
+    root = tmp_path_factory.mktemp("gguf")
+    export_onnx(tiny["llama"], root, "text-generation")
+    model = onnx.load(root / "model.onnx")
+    inits = {i.name: i for i in model.graph.initializer}
+    matmuls = [n for n in model.graph.node
+               if n.op_type == "MatMul" and n.input[1] in inits]
+    writer = GGUFWriter(str(root / "tiny.gguf"), "llama")
+    expected, rng = {}, np.random.default_rng(0)
+    untouched = matmuls[-1].name  # stays fp32: must not match
+    for i, node in enumerate(matmuls[:-1]):
+        weight_t = numpy_helper.to_array(inits[node.input[1]]).T.copy()  # [N, K]
+        qtype = GGMLQuantizationType.Q4_0 if i % 2 else GGMLQuantizationType.Q4_1
+        raw = quantize(weight_t, qtype)
+        values = dequantize(raw, qtype).astype(np.float32)
+        # the graph holds the dequantized GGUF weights (what transformers loads) ...
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(values.T.copy(), node.input[1]))
+        expected[node.name] = values.T
+        # ... and the GGUF stores some tensors with rows permuted (as llama q/k are)
+        perm = rng.permutation(len(raw)) if i % 3 == 0 else np.arange(len(raw))
+        writer.add_tensor(f"blk.{i}.weight", raw[perm], raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    onnx.save(model, root / "fp32.onnx")
+    assert gguf.GGUFReader(root / "tiny.gguf").tensors  # a readable GGUF
+    return root / "fp32.onnx", root / "tiny.gguf", expected, untouched
+
+
+def test_imported_weights_equal_gguf_dequantization_exactly(tiny_gguf):
+    path, gguf_path, expected, untouched = tiny_gguf
+    model = onnx.load(path)
+    details = import_gguf_blocks(model, gguf_path, accuracy_level=0)
+    assert details["exact"] and details["types"] == ["Q4_0", "Q4_1"]
+    assert details["not_matched"] == [untouched]
+    assert len(details["imported"]) == len(expected)
+    for name, values in expected.items():
+        got = effective_weight(model, name + "_gguf")
+        assert got.dtype == np.float32 and np.array_equal(got, values), name
+
+
+def test_imported_graph_runs_like_the_fp32_graph(tiny_gguf):
+    from compress.stages.int4 import LMCalibrationReader
+
+    path, gguf_path, _, _ = tiny_gguf
+    model = onnx.load(path)
+    import_gguf_blocks(model, gguf_path, accuracy_level=0)
+    onnx.checker.check_model(model)
+    feed = next(iter(LMCalibrationReader(path, path.parent, ["the movie was great"])))
+    ref = ort.InferenceSession(str(path)).run(["logits"], feed)[0]
+    got = ort.InferenceSession(model.SerializeToString()).run(["logits"], feed)[0]
+    assert np.abs(ref - got).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_algorithm_pass_leaves_imported_blocks_alone(tiny_gguf):
+    from compress.stages.int4 import quantize_graph
+    from compress.stages.methods import Int4Options
+
+    path, gguf_path, expected, untouched = tiny_gguf
+    model = onnx.load(path)
+    import_gguf_blocks(model, gguf_path)
+    model, details = quantize_graph(model, Int4Options(algorithm="rtn", block_size=16))
+    assert details["operators"].get("MatMul", 0) >= 1  # the block-sum corrections
+    names = {n.name for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert untouched + "_Q4" in names  # the unmatched one went to the algorithm
+    for name, values in expected.items():
+        assert np.array_equal(effective_weight(model, name + "_gguf"), values), name
