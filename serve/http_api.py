@@ -13,6 +13,7 @@ its client goes; :meth:`Backend.stream` then stops the generation and frees the 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -24,6 +25,8 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from serve.completion import Completion, refused
+from serve.engine import EngineRefused
 from serve.runtimes import GenerationParams, UnsupportedRequest
 from serve.schemas import (
     ClassifyRequest,
@@ -143,13 +146,80 @@ class Backend:
                 return fn(*args)
         return await anyio.to_thread.run_sync(locked)
 
+    async def open_completion(self, item: GenerateItem) -> Completion:
+        """Submit one prompt to the engine; return once it has its first token.
+
+        Raises:
+            RequestError: 503 (overloaded, queue deadline passed) before any header is
+                sent, or 400 (does not fit).
+        """
+        engine = self.service.engine
+        ids = await self.run_locked(self.encode, item.prompt)
+        try:
+            seq = engine.submit(ids, to_params(item))
+        except EngineRefused as exc:
+            raise refused(exc) from None
+        completion = Completion(engine, seq, self.service.detokenizer, list(item.stop))
+        await completion.start()
+        return completion
+
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids, as the model sees them (special tokens included)."""
+        return list(self.runtime.tokenizer(prompt)["input_ids"])
+
     async def generate(self, items: list[GenerateItem]) -> list[dict[str, Any]]:
-        """Generate through the batchable API (an item the runtime refused → 400)."""
+        """Complete every item (the engine batches them with everything else running)."""
+        if self.service.engine is not None:
+            tasks = [asyncio.ensure_future(self._complete(item)) for item in items]
+            try:
+                return list(await asyncio.gather(*tasks))
+            finally:  # one failed (or the client went): the others abort in the engine
+                for task in tasks:
+                    task.cancel()
         rows = await self.call("generate_batch", items=list(items))
         for row in rows:
             if "error" in row:
                 raise RequestError(row["error"])
         return rows
+
+    async def _complete(self, item: GenerateItem) -> dict[str, Any]:
+        completion = await self.open_completion(item)
+        text = await completion.text()
+        return {"text": text, "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens,
+                "finish_reason": completion.finish_reason}
+
+    async def stream_response(self, item: GenerateItem,
+                              chunk: Callable[[str | None, Any], str | None]
+                              ) -> EventStreamResponse:
+        """A streamed completion: ``chunk(delta, None)`` per text delta, then
+        ``chunk(None, completion)`` once it ended (for the final chunk), then ``[DONE]``.
+
+        Admission is awaited first, so an overloaded server answers 503 before any header.
+        """
+        if self.service.engine is None:
+            return streaming_response(self._stream_events(item, chunk))
+        completion = await self.open_completion(item)
+
+        async def events() -> AsyncIterator[str]:
+            async with aclosing(completion.deltas()) as deltas:
+                async for delta in deltas:
+                    yield chunk(delta, None)
+            if (tail := chunk(None, completion)) is not None:
+                yield tail
+            yield sse("[DONE]")
+
+        response = streaming_response(events())
+        response.on_close.append(completion.close)  # the client went before the end
+        return response
+
+    async def _stream_events(self, item: GenerateItem,
+                             chunk: Callable[[str | None, Any], str | None]
+                             ) -> AsyncIterator[str]:
+        async with aclosing(self.stream(item)) as deltas:
+            async for delta in deltas:
+                yield chunk(delta, None)
+        yield sse("[DONE]")
 
     async def stream(self, item: GenerateItem) -> AsyncIterator[str]:
         """Text deltas of one prompt; holds the model lock for the whole stream.
@@ -273,12 +343,8 @@ def build_routes(get_backend: Callable[[], Backend]) -> list:
                               temperature=req.temperature, top_p=req.top_p, stop=req.stop,
                               seed=req.seed) for p in prompts]
         if req.stream:
-            async def events() -> AsyncIterator[str]:
-                async with aclosing(backend.stream(items[0])) as deltas:
-                    async for delta in deltas:
-                        yield sse({"text": delta})
-                yield sse("[DONE]")
-            return streaming_response(events())
+            return await backend.stream_response(
+                items[0], lambda delta, completion: sse({"text": delta}) if delta else None)
         rows = await backend.generate(items)
         return JSONResponse(GenerateResponse(
             results=[GenerateResult(**r) for r in rows]).model_dump())

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,7 +26,7 @@ from serve.schemas import (
     check_max_new_tokens,
     check_texts,
 )
-from serve.sse import sse, streaming_response
+from serve.sse import sse
 from serve.token_limits import check_room, context_length, fit_tokens, prompt_room
 
 
@@ -130,24 +129,21 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _stream_chunks(backend: Backend, item: GenerateItem, make_chunk: Callable,
-                         include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI stream: content chunks, a final chunk with finish_reason, usage, [DONE]."""
-    text = ""
-    async with aclosing(backend.stream(item)) as deltas:  # closed at once if the client goes
-        async for delta in deltas:
-            text += delta
-            yield sse(make_chunk(delta, None))
-    prompt_tokens = await backend.run_locked(backend.runtime.count_tokens, item.prompt)
-    completion = 0
-    if text:  # count_tokens includes special tokens (BOS): subtract those of ""
-        completion = max(0, await backend.run_locked(backend.runtime.count_tokens, text)
-                         - await backend.run_locked(backend.runtime.count_tokens, ""))
-    reason = "length" if completion >= item.max_new_tokens else "stop"
-    yield sse(make_chunk(None, reason))
-    if include_usage:
-        yield sse(make_chunk(None, None, usage=_usage(prompt_tokens, completion)))
-    yield sse("[DONE]")
+def _final_chunks(make_chunk: Callable, include_usage: bool) -> Callable:
+    """``chunk(delta, completion)`` for :meth:`Backend.stream_response`: a content chunk
+    per delta; at the end one chunk with ``finish_reason``, then usage if asked for
+    (token counts are the engine's)."""
+    def chunk(delta: str | None, completion: Any) -> str | None:
+        if delta is not None:
+            return sse(make_chunk(delta, None)) if delta else None
+        if completion is None:  # a runtime without the engine: no counts to report
+            return None
+        out = sse(make_chunk(None, completion.finish_reason))
+        if include_usage:
+            out += sse(make_chunk(None, None, usage=_usage(completion.prompt_tokens,
+                                                           completion.completion_tokens)))
+        return out
+    return chunk
 
 
 def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
@@ -185,7 +181,7 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
                 return {"id": ident, "object": "text_completion", "created": created,
                         "model": name, "choices": choices, "usage": usage}
             include = bool((req.stream_options or {}).get("include_usage"))
-            return streaming_response(_stream_chunks(backend, items[0], chunk, include))
+            return await backend.stream_response(items[0], _final_chunks(chunk, include))
         rows = await backend.generate(items)
         choices = [{"index": i, "text": r["text"], "logprobs": None,
                     "finish_reason": r["finish_reason"]} for i, r in enumerate(rows)]
@@ -228,7 +224,7 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
                 return {"id": ident, "object": "chat.completion.chunk", "created": created,
                         "model": name, "choices": choices, "usage": usage}
             include = bool((req.stream_options or {}).get("include_usage"))
-            return streaming_response(_stream_chunks(backend, item, chunk, include))
+            return await backend.stream_response(item, _final_chunks(chunk, include))
         [row] = await backend.generate([item])
         return JSONResponse({
             "id": ident, "object": "chat.completion", "created": created, "model": name,

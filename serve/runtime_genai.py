@@ -66,8 +66,17 @@ class GenaiRuntime:
         self.pad_id = int(genai.get("pad_token_id", self.tokenizer.pad_token_id or 0))
         eos = genai.get("eos_token_id", self.tokenizer.eos_token_id)
         self._eos = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = frozenset(self._eos)
         log.info("loaded %s (onnx-genai, %s) on %s", self.path, manifest.precision,
                  self.device)
+
+    def step_lm(self) -> Any:
+        """A step-level view of this model for the serving engine (its own ORT session)."""
+        from serve.runtime_onnx import providers_for, session_options
+        from serve.step_lm_genai import GenaiStepLM
+
+        providers, _ = providers_for(self.device)
+        return GenaiStepLM(self.path, providers, session_options())
 
     def _need_generation(self) -> None:
         if self.manifest.task != "text-generation":

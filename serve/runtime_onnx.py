@@ -107,6 +107,7 @@ class OnnxRuntime:
         else:
             self._lm = _ort_causal_lm(self.path, manifest, self)
             self.max_length = self._lm.max_length
+            self.eos_ids = self._lm.eos_ids
         log.info("loaded %s (onnx, %s) on %s", self.path, manifest.precision, self.device)
 
     def _need(self, task: str) -> None:

@@ -67,6 +67,10 @@ class ServeSettings(BaseModel):
         workers: Server worker processes (each loads the model).
         timeout_s: Request timeout (504 past it).
         access_log: Log every request (BentoML access log).
+        max_running: Generation: sequences decoded together per engine step.
+        max_kv_tokens: Generation: budget of prompt + max new tokens over running sequences.
+        max_waiting: Generation: requests queued for admission before 503s.
+        queue_timeout_s: Generation: longest wait for admission (503 with Retry-After).
         limits: Per-request caps.
     """
 
@@ -80,6 +84,10 @@ class ServeSettings(BaseModel):
     workers: int = Field(1, ge=1)
     timeout_s: float = Field(120.0, gt=0)
     access_log: bool = True
+    max_running: int = Field(32, ge=1, le=1024)
+    max_kv_tokens: int = Field(65_536, ge=1)
+    max_waiting: int = Field(256, ge=0)
+    queue_timeout_s: float = Field(30.0, gt=0)
     limits: Limits = Field(default_factory=Limits)
 
     @classmethod

@@ -22,6 +22,7 @@ This module imports no deep-learning framework: the runtime chosen by
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections import defaultdict
@@ -31,6 +32,7 @@ import bentoml
 from starlette.applications import Starlette
 
 from serve.artifact import load_artifact
+from serve.engine import Engine, EngineConfig
 from serve.errors import ModelpressError
 from serve.http_api import Backend, build_routes, to_params
 from serve.openai_api import build_openai_routes
@@ -50,6 +52,19 @@ if SETTINGS.artifact:
 _BATCHING: dict[str, Any] = {"batchable": SETTINGS.batching,
                              "max_batch_size": SETTINGS.max_batch_size,
                              "max_latency_ms": SETTINGS.max_latency_ms}
+
+
+def start_engine(runtime: Any, settings: ServeSettings) -> Engine:
+    """The continuous-batching engine over ``runtime``'s step-level model."""
+    config = EngineConfig(max_running=settings.max_running,
+                          max_kv_tokens=settings.max_kv_tokens,
+                          max_waiting=settings.max_waiting,
+                          queue_timeout_s=settings.queue_timeout_s)
+    engine = Engine(runtime.step_lm(), set(runtime.eos_ids), config)
+    log.info("generation engine: max_running=%d max_kv_tokens=%d max_waiting=%d "
+             "queue_timeout_s=%g", config.max_running, config.max_kv_tokens,
+             config.max_waiting, config.queue_timeout_s)
+    return engine
 
 
 class _State:
@@ -89,6 +104,11 @@ class Modelpress:
         # hashes were verified when this process imported the module
         self.runtime = load_runtime(SETTINGS.artifact, device=SETTINGS.device, verify=False)
         self.lock = threading.Lock()
+        self.engine: Engine | None = None
+        self.detokenizer: Any = None
+        if self.runtime.manifest.task == "text-generation" and hasattr(self.runtime, "step_lm"):
+            self.engine = start_engine(self.runtime, SETTINGS)
+            self.detokenizer = copy.deepcopy(self.runtime.tokenizer)  # event loop's own
         _STATE.backend = Backend(self, SETTINGS.limits, SETTINGS.workers)
         m = self.runtime.manifest
         log.info("serving %s (%s, %s/%s) on %s; batching=%s max_batch_size=%d "

@@ -1,0 +1,99 @@
+"""One completion running in the engine, as text: the bridge between the engine's token
+ids and what the routes send (streamed deltas or one text, usage, finish reason)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from serve.engine import Engine, EngineRefused, Event, Sequence
+from serve.runtime_torch import _safe_prefix, _stop_index
+from serve.schemas import RequestError
+
+
+class Completion:
+    """Text deltas of one request; after the last one, its usage and finish reason.
+
+    Call :meth:`start` first: it waits for admission and the first token, so a request
+    the engine refuses (queue deadline, overload) becomes a :class:`RequestError` before
+    the route sends any header. Stop sequences are matched on the decoded text; the text
+    is cut before the first one, and the engine stops the sequence at once.
+
+    Args:
+        engine: The engine running the request.
+        seq: The request, as submitted.
+        detokenizer: A tokenizer used only by this event loop (for ``decode``).
+        stops: Stop sequences.
+    """
+
+    def __init__(self, engine: Engine, seq: Sequence, detokenizer: Any,
+                 stops: list[str]) -> None:
+        self.engine, self.seq, self.detokenizer = engine, seq, detokenizer
+        self.stops = [s for s in stops if s]
+        self.prompt_tokens = len(seq.prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._first: Event | None = None
+        self._ids: list[int] = []
+
+    async def _next(self) -> Event:
+        event = await self.seq.queue.get()
+        if event.error is not None:
+            raise RequestError(str(event.error), event.error.status)
+        return event
+
+    async def start(self) -> None:
+        """Wait for the first token (or the end).
+
+        Raises:
+            RequestError: 503 (queue deadline passed, shutting down) or 500 (model failed).
+        """
+        try:
+            self._first = await self._next()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Abort the request in the engine unless it has ended (client gone)."""
+        if self.finish_reason is None:
+            self.engine.abort(self.seq)
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Text deltas; stop sequences and incomplete UTF-8 are held back."""
+        if self._first is None:
+            await self.start()
+        event, sent, text = self._first, 0, ""
+        try:
+            while True:
+                if event.token is None:
+                    self.finish_reason = event.finish_reason
+                    break
+                self._ids.append(event.token)
+                text = self.detokenizer.decode(self._ids, skip_special_tokens=True)
+                cut = _stop_index(text, self.stops)
+                if cut is not None:
+                    self.finish_reason = "stop"
+                    self.engine.abort(self.seq, reason="stop")
+                    text = text[:cut]
+                    break
+                if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits
+                    safe = _safe_prefix(text, self.stops)
+                    if safe > sent:
+                        yield text[sent:safe]
+                        sent = safe
+                event = await self._next()
+            self.completion_tokens = len(self._ids)
+            if len(text) > sent:
+                yield text[sent:]
+        finally:
+            self.close()
+
+    async def text(self) -> str:
+        """The whole completion."""
+        return "".join([d async for d in self.deltas()])
+
+
+def refused(exc: EngineRefused) -> RequestError:
+    """The HTTP error for a request the engine would not take."""
+    return RequestError(str(exc), exc.status)

@@ -1,0 +1,42 @@
+"""Next-token choice from logits (greedy, or temperature + nucleus sampling with a seed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serve.runtimes import GenerationParams
+
+
+class Sampler:
+    """Picks each next token of one sequence.
+
+    Greedy (``temperature == 0``) takes the arg-max, so batched and lone runs of the same
+    prompt agree wherever the logits do. Sampling draws from the softmax of
+    ``logits / temperature`` cut to the smallest set whose mass reaches ``top_p``, with a
+    generator of its own per sequence: a seeded request gives the same tokens whatever
+    else runs beside it.
+
+    Args:
+        params: The request's decoding settings.
+    """
+
+    def __init__(self, params: GenerationParams) -> None:
+        self.temperature = params.temperature
+        self.top_p = params.top_p
+        self.rng = np.random.default_rng(params.seed) if params.temperature > 0 else None
+
+    def __call__(self, logits: np.ndarray) -> int:
+        """The next token id for ``logits`` [vocab]."""
+        if self.rng is None:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / self.temperature
+        scaled -= scaled.max()
+        probs = np.exp(scaled)
+        probs /= probs.sum()
+        if self.top_p < 1.0:
+            order = np.argsort(-probs)
+            mass = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(mass, self.top_p)) + 1]
+            kept = probs[keep] / probs[keep].sum()
+            return int(keep[self.rng.choice(len(keep), p=kept)])
+        return int(self.rng.choice(len(probs), p=probs))

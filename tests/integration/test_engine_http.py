@@ -1,0 +1,180 @@
+"""The generation engine behind the live HTTP service (tiny LMs of every format):
+concurrent streams interleave, greedy under load equals the lone answers, the queue
+deadline answers 503 before headers, a disconnect aborts in the engine, usage counts are
+the engine's, LLM metrics on /metrics, and the one-long-stream stall is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve.launcher import start_server
+from serve.runtimes import GenerationParams, load_runtime
+from tests.unit.variant_fixtures import run, write_texts
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["the movie is", "what is the capital of france ?", "i love", "the cat and the dog",
+           "a good story", "what a dull scene", "the worst movie", "fun and wonderful"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("bentoml-home")
+    return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+            "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def lms(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine-http")
+    write_texts(root / "eval.jsonl", 8, labels=False)
+    out, _ = run(f"""
+name: lm
+task: text-generation
+base: {{path: {tiny["llama"]}}}
+adapters: [{{path: {tiny["llama-lora"]}}}]
+data: {{eval: {{path: eval.jsonl, label: null}}}}
+gates: {{min_agreement: 0.3, max_metric_drop: 1.0}}
+variants:
+  - {{name: onnx-fp32, kind: export}}
+  - {{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}}
+""", root)
+    return out
+
+
+async def _stream(client: httpx.AsyncClient, url: str, prompt: str, n: int) -> dict:
+    """One streamed /generate; arrival time of every text event."""
+    body = {"prompts": [prompt], "max_new_tokens": n, "stream": True}
+    times, text = [], ""
+    async with client.stream("POST", f"{url}/generate", json=body) as r:
+        status = r.status_code
+        if status != 200:
+            return {"status": status, "body": json.loads(await r.aread()),
+                    "retry": r.headers.get("retry-after")}
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += json.loads(line[6:])["text"]
+                times.append(time.monotonic())
+    return {"status": status, "text": text, "times": times}
+
+
+def _metrics(url: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
+        if family.name.startswith("modelpress:"):
+            for sample in family.samples:
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["merge", "onnx-fp32", "genai-fp32"])
+def test_concurrent_streams_interleave_and_equal_the_lone_answers(lms, env, fmt):
+    offline = load_runtime(lms / fmt)
+    # EOS can end the tiny model's answers early: compare against the offline runtime
+    lone = [g.text for g in (offline.generate([p], GenerationParams(max_new_tokens=40))[0]
+                             for p in PROMPTS)]
+    with start_server(lms / fmt, env=env, access_log=False, max_new_tokens=64) as server:
+        async def together():
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(_stream(client, server.url, p, 40)
+                                              for p in PROMPTS))
+        results = asyncio.run(together())
+        metrics = _metrics(server.url)
+    assert [r["status"] for r in results] == [200] * len(PROMPTS)
+    assert [r["text"] for r in results] == lone
+    long = [r for r in results if len(r["times"]) > 5]
+    assert len(long) >= 2
+    first_end = min(r["times"][-1] for r in long)
+    assert all(r["times"][0] < first_end for r in long)  # all started before any ended
+    assert metrics["modelpress:engine_step_sequences_count"] > 0
+    # the engine decoded several streams per step, not one at a time
+    assert (metrics["modelpress:engine_step_sequences_sum"]
+            / metrics["modelpress:engine_step_sequences_count"]) > 1.5
+
+
+def test_queue_deadline_answers_503_before_headers(lms, env):
+    with start_server(lms / "merge", env=env, access_log=False, max_running=1,
+                      queue_timeout_s=0.05, max_new_tokens=120) as server:
+        async def burst():
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(_stream(client, server.url, p, 120)
+                                              for p in PROMPTS))
+        results = asyncio.run(burst())
+        metrics = _metrics(server.url)
+    refused = [r for r in results if r["status"] != 200]
+    assert refused and all(r["status"] == 503 for r in refused)
+    assert all("not scheduled within 0.05 s" in r["body"]["error"] and r["retry"] == "1"
+               for r in refused)
+    assert any(r["status"] == 200 and r["text"] for r in results)
+    assert metrics["modelpress:request_queue_timeout_total"] == len(refused)
+
+
+def test_disconnect_aborts_in_the_engine_and_frees_the_slot(lms, env):
+    with start_server(lms / "genai-fp32", env=env, access_log=False, max_running=1,
+                      max_new_tokens=120) as server:
+        body = {"prompts": [PROMPTS[0]], "max_new_tokens": 120, "stream": True}
+        with httpx.Client(timeout=60) as client, client.stream(
+                "POST", f"{server.url}/generate", json=body) as r:
+            assert r.status_code == 200
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+        # the one slot is free again: a request is admitted and answered
+        ok = httpx.post(f"{server.url}/generate", json={"prompts": [PROMPTS[1]],
+                                                        "max_new_tokens": 5}, timeout=30)
+        assert ok.status_code == 200
+        deadline = time.monotonic() + 10
+        while (m := _metrics(server.url)).get("modelpress:request_aborted_total", 0) < 1:
+            assert time.monotonic() < deadline, m
+            time.sleep(0.1)
+    assert m["modelpress:request_aborted_total"] == 1
+    assert m["modelpress:num_requests_running"] == 0
+
+
+def test_usage_and_metrics_are_the_engines_token_counts(lms, env):
+    offline = load_runtime(lms / "merge")
+    want = offline.generate([PROMPTS[1]], GenerationParams(max_new_tokens=10))[0]
+    with start_server(lms / "merge", env=env, access_log=False) as server:
+        before = _metrics(server.url)
+        r = httpx.post(f"{server.url}/v1/completions",
+                       json={"prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0},
+                       timeout=60)
+        after = _metrics(server.url)
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] == want.prompt_tokens
+    assert usage["completion_tokens"] == want.completion_tokens
+    assert r.json()["choices"][0]["finish_reason"] == want.finish_reason
+    generated = (after["modelpress:generation_tokens_total"]
+                 - before.get("modelpress:generation_tokens_total", 0))
+    assert generated == want.completion_tokens
+    assert (after["modelpress:prompt_tokens_total"]
+            - before.get("modelpress:prompt_tokens_total", 0)) == want.prompt_tokens
+    for name in ("time_to_first_token_seconds_count", "e2e_request_latency_seconds_count",
+                 "request_success_total"):
+        assert after[f"modelpress:{name}"] >= 1, name
+    if want.completion_tokens > 1:
+        assert after["modelpress:inter_token_latency_seconds_count"] >= 1
+
+
+def test_one_long_stream_does_not_stall_45_short_requests(lms, env):
+    with start_server(lms / "genai-fp32", env=env, access_log=False,
+                      max_new_tokens=120) as server:
+        async def load():
+            async with httpx.AsyncClient(timeout=60) as client:
+                stream = asyncio.ensure_future(_stream(client, server.url, PROMPTS[0], 120))
+                await asyncio.sleep(0.05)
+                shorts = [client.post(f"{server.url}/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                    "max_tokens": 4}) for i in range(45)]
+                metrics = client.get(f"{server.url}/metrics", timeout=1.0)
+                answers = await asyncio.gather(*shorts, metrics)
+                return await stream, answers
+        stream, answers = asyncio.run(load())
+    assert stream["status"] == 200
+    assert [a.status_code for a in answers] == [200] * 46
+    assert all(a.json()["usage"]["completion_tokens"] <= 4 for a in answers[:45])

@@ -1,0 +1,217 @@
+"""The generation engine on real tiny LMs of every format: continuous batching gives the
+lone outputs, streams interleave, abort frees the slot within a step, the queue
+deadline refuses, token counts are the engine's."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from serve.engine import Engine, EngineConfig, EngineRefused
+from serve.runtimes import GenerationParams, load_runtime
+from tests.unit.variant_fixtures import run, write_texts
+
+FORMATS = ["merge", "onnx-fp32", "genai-fp32", "genai-int4"]
+PROMPT_LENGTHS = (5, 9, 3, 12, 7, 20)
+
+
+@pytest.fixture(scope="module")
+def lms(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine-lm")
+    write_texts(root / "eval.jsonl", 8, labels=False)
+    out, _ = run(f"""
+name: lm
+task: text-generation
+base: {{path: {tiny["llama"]}}}
+adapters: [{{path: {tiny["llama-lora"]}}}]
+data: {{eval: {{path: eval.jsonl, label: null}}}}
+gates: {{min_agreement: 0.3, max_metric_drop: 1.0}}
+variants:
+  - {{name: onnx-fp32, kind: export}}
+  - {{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}}
+  - {{name: genai-int4, kind: export, format: onnx-genai, precision: int4, block_size: 16}}
+""", root)
+    return {name: load_runtime(out / name) for name in FORMATS}
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [[2, *rng.integers(4, vocab - 1, size=n - 1).tolist()] for n in PROMPT_LENGTHS]
+
+
+def _lone_genai(runtime, prompt: list[int], n: int) -> list[int]:
+    """onnxruntime-genai's own generator, one prompt, greedy: the reference."""
+    og = runtime._og
+    params = og.GeneratorParams(runtime.model)
+    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+    generator = og.Generator(runtime.model, params)
+    generator.append_tokens(np.asarray([prompt], dtype=np.int32))
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+async def _collect(seq) -> tuple[list[int], str | None, list[float]]:
+    tokens, times = [], []
+    while True:
+        event = await seq.queue.get()
+        if event.error is not None:
+            raise event.error
+        if event.token is None:
+            return tokens, event.finish_reason, times
+        tokens.append(event.token)
+        times.append(time.monotonic())
+
+
+def _engine(runtime, **config) -> Engine:
+    # no EOS: every request runs its full length, so outputs compare token for token
+    return Engine(runtime.step_lm(), set(), EngineConfig(**config))
+
+
+@pytest.mark.parametrize("fmt", ["genai-fp32", "genai-int4"])
+def test_genai_step_lm_interleaved_equals_lone_generator(lms, fmt):
+    runtime = lms[fmt]
+    lm = runtime.step_lm()
+    prompts = _prompts(lm.vocab_size)
+    lone = [_lone_genai(runtime, p, 25) for p in prompts]
+    joins = {0: 0, 1: 0, 2: 3, 3: 6, 4: 10, 5: 11}  # slot → step it joins at
+    out: dict[int, list[int]] = {}
+    for step in range(80):
+        for slot, at in joins.items():
+            if at == step:
+                out[slot] = [int(lm.prefill(slot, prompts[slot]).argmax())]
+        live = [s for s in out if len(out[s]) < 25]
+        if not live:
+            continue
+        logits = lm.decode(live, [out[s][-1] for s in live])
+        for slot, row in zip(live, logits, strict=True):
+            out[slot].append(int(row.argmax()))
+            if len(out[slot]) == 25:
+                lm.free(slot)  # rows move: the others must keep their caches
+    assert [out[s] for s in range(len(prompts))] == lone
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_engine_batched_greedy_equals_alone_and_streams_interleave(lms, fmt):
+    runtime = lms[fmt]
+    prompts = _prompts(runtime.step_lm().vocab_size)
+    params = GenerationParams(max_new_tokens=30)
+
+    async def main():
+        engine = _engine(runtime, max_running=8)
+        try:
+            alone = [(await _collect(engine.submit(p, params)))[0] for p in prompts]
+            seqs = [engine.submit(p, params) for p in prompts]
+            together = await asyncio.gather(*(_collect(s) for s in seqs))
+        finally:
+            engine.close()
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert [t[0] for t in together] == alone
+    assert all(len(t[0]) == 30 and t[1] == "length" for t in together)
+    first_done = min(t[2][-1] for t in together)
+    assert all(t[2][0] < first_done for t in together)  # every stream started before any ended
+
+
+def test_abort_frees_the_slot_within_one_step(lms):
+    runtime = lms["genai-fp32"]
+    long = GenerationParams(max_new_tokens=100)
+
+    async def main():
+        engine = _engine(runtime, max_running=1)
+        try:
+            first = engine.submit(_prompts(82)[0], long)
+            await first.queue.get()  # it runs
+            waiting = engine.submit(_prompts(82)[1], GenerationParams(max_new_tokens=5))
+            engine.abort(first)
+            tokens, reason, _ = await _collect(waiting)  # admitted only once the slot is free
+            late = first.queue.qsize()
+        finally:
+            engine.close()
+        return tokens, reason, late, first.generated
+
+    tokens, reason, late, generated = asyncio.run(main())
+    assert len(tokens) == 5 and reason == "length"
+    assert generated < 100  # stopped long before its end
+    assert late <= 2  # at most the step already under way when it was aborted
+
+
+class _SlowLM:
+    """A real step LM whose steps take 50 ms, to hold the one slot while others queue."""
+
+    def __init__(self, lm) -> None:
+        self.lm, self.vocab_size, self.max_length = lm, lm.vocab_size, lm.max_length
+
+    def prefill(self, slot, ids):
+        return self.lm.prefill(slot, ids)
+
+    def decode(self, slots, tokens):
+        time.sleep(0.05)
+        return self.lm.decode(slots, tokens)
+
+    def free(self, slot):
+        self.lm.free(slot)
+
+
+def test_queue_deadline_refuses_with_503_and_the_fifo_head_is_served(lms):
+    runtime = lms["genai-fp32"]
+
+    async def main():
+        engine = Engine(_SlowLM(runtime.step_lm()), set(),
+                        EngineConfig(max_running=1, queue_timeout_s=0.3))
+        try:
+            holder = engine.submit(_prompts(82)[0], GenerationParams(max_new_tokens=20))
+            late = engine.submit(_prompts(82)[1], GenerationParams(max_new_tokens=4))
+            held = await _collect(holder)
+            with pytest.raises(EngineRefused) as refused:
+                await _collect(late)
+        finally:
+            engine.close()
+        return held, refused.value
+
+    held, refused = asyncio.run(main())
+    assert len(held[0]) == 20
+    assert refused.status == 503 and "not scheduled within 0.3 s" in str(refused)
+
+
+def test_eos_ends_with_stop_and_is_not_counted(lms):
+    runtime = lms["genai-fp32"]
+    prompt = _prompts(82)[2]
+    free_run = _lone_genai(runtime, prompt, 12)
+    eos = free_run[5]
+    expected = free_run[: free_run.index(eos)]
+
+    async def main():
+        engine = Engine(runtime.step_lm(), {eos}, EngineConfig())
+        try:
+            return await _collect(engine.submit(prompt, GenerationParams(max_new_tokens=12)))
+        finally:
+            engine.close()
+
+    tokens, reason, _ = asyncio.run(main())
+    assert tokens == expected and reason == "stop"
+
+
+def test_submit_refuses_what_can_never_fit(lms):
+    runtime = lms["genai-fp32"]
+
+    async def main():
+        engine = _engine(runtime, max_kv_tokens=64)
+        try:
+            with pytest.raises(EngineRefused) as context:
+                engine.submit([2] * 10, GenerationParams(max_new_tokens=200))
+            with pytest.raises(EngineRefused) as budget:
+                engine.submit([2] * 10, GenerationParams(max_new_tokens=60))
+        finally:
+            engine.close()
+        return context.value, budget.value
+
+    context, budget = asyncio.run(main())
+    assert context.status == 400 and "context of 128" in str(context)
+    assert budget.status == 400 and "max_kv_tokens" in str(budget)
