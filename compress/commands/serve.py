@@ -32,6 +32,14 @@ def command(
         help="Inputs over --max-input-tokens: truncate or reject.")] = "truncate",
     max_new_tokens: Annotated[int, typer.Option(
         help="Cap on max_new_tokens / max_tokens.")] = 256,
+    max_running: Annotated[int, typer.Option(
+        help="Generation: sequences decoded together per engine step.")] = 32,
+    max_kv_tokens: Annotated[int, typer.Option(
+        help="Generation: prompt + max new tokens over the running sequences.")] = 65_536,
+    max_waiting: Annotated[int, typer.Option(
+        help="Generation: requests waiting for admission before 503s.")] = 256,
+    queue_timeout_s: Annotated[float, typer.Option(
+        help="Generation: longest wait for admission (503 with Retry-After).")] = 30.0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:
@@ -49,7 +57,8 @@ def command(
         settings = ServeSettings(
             artifact=str(artifact.resolve()), device=device, batching=not no_batching,
             max_batch_size=max_batch_size, max_latency_ms=max_latency_ms, workers=workers,
-            access_log=access_log,
+            access_log=access_log, max_running=max_running, max_kv_tokens=max_kv_tokens,
+            max_waiting=max_waiting, queue_timeout_s=queue_timeout_s,
             limits=Limits(max_items=max_items, max_input_tokens=max_input_tokens,
                           long_input=long_input, max_new_tokens=max_new_tokens,
                           max_concurrency=max_concurrency))
