@@ -71,12 +71,19 @@ class GenaiRuntime:
                  self.device)
 
     def step_lm(self) -> Any:
-        """A step-level view of this model for the serving engine (its own ORT session)."""
-        from serve.runtime_onnx import providers_for, session_options
+        """A step-level view of this model for the serving engine (its own ORT session).
+
+        Its KV buffers are host memory bound in place (IOBinding), which the CPU
+        execution provider needs; device-resident buffers for CUDA are not built (no GPU
+        to verify them on), so the engine runs a CUDA-built model on the CPU EP.
+        """
+        from serve.runtime_onnx import session_options
         from serve.step_lm_genai import GenaiStepLM
 
-        providers, _ = providers_for(self.device)
-        return GenaiStepLM(self.path, providers, session_options())
+        if self.device == "cuda":
+            log.warning("%s: the serving engine runs onnx-genai models on the CPU "
+                        "execution provider (CUDA KV buffers not implemented)", self.path)
+        return GenaiStepLM(self.path, ["CPUExecutionProvider"], session_options())
 
     def _need_generation(self) -> None:
         if self.manifest.task != "text-generation":
