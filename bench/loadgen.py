@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bench.locust_stats import load_entries
+from bench.locust_stats import load_entries, summarize
 from serve.errors import ModelpressError
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,11 @@ class LoadSpec:
         duration_s: Run time.
         rate: Open loop: total arrival rate in requests/s.
         processes: Locust worker processes (``--processes``; None = one process).
+        profile: ``eval`` (the task's route with the eval inputs) or ``chat`` (decode-bound
+            streaming chat completions, OpenAI format; see the locustfile).
+        stop_timeout_s: Seconds requests in flight may finish after the run time (None:
+            ``min(30, max(5, duration))``). Decode-bound levels let every stream finish.
+        model: Chat profile: the ``model`` field sent (vLLM checks it).
     """
 
     mode: Literal["closed", "open"]
@@ -44,18 +49,42 @@ class LoadSpec:
     duration_s: float
     rate: float | None = None
     processes: int | None = None
+    profile: Literal["eval", "chat"] = "eval"
+    stop_timeout_s: float | None = None
+    model: str | None = None
 
     @property
     def label(self) -> str:
-        """Short name of the load level, e.g. ``8 users`` or ``5 req/s``."""
+        """Short name of the load level, e.g. ``8 users``, ``5 req/s`` or ``8 streams``."""
         if self.mode == "open":
-            return f"{self.rate:g} req/s"
-        return f"{self.users} user" + ("s" if self.users != 1 else "")
+            return f"{self.rate:g} req/s" + (" chat" if self.profile == "chat" else "")
+        noun = "stream" if self.profile == "chat" else "user"
+        return f"{self.users} {noun}" + ("s" if self.users != 1 else "")
 
 
 def _stop_timeout(spec: LoadSpec) -> float:
     """Seconds Locust lets requests in flight finish after the run time (then kills them)."""
+    if spec.stop_timeout_s is not None:
+        return spec.stop_timeout_s
     return min(30.0, max(5.0, spec.duration_s))
+
+
+def level_result(spec: LoadSpec, runs: list[list[dict]]) -> dict[str, Any]:
+    """A load level's entry of results.json: totals over its runs, the spread over runs
+    (requests/s and p95) and each run's own summary."""
+    per_run = [summarize([r]) for r in runs]
+    total = summarize(runs)
+
+    def spread(values: list[float | None]) -> dict[str, Any]:
+        vals = [v for v in values if v is not None]
+        return {"min": min(vals) if vals else None, "max": max(vals) if vals else None,
+                "n": len(vals)}
+
+    return {"mode": spec.mode, "profile": spec.profile, "label": spec.label,
+            "users": spec.users, "rate": spec.rate, **total,
+            "spread": {"rps": spread([r["rps"] for r in per_run]),
+                       "p95_ms": spread([(r["latency_ms"] or {}).get("p95") for r in per_run])},
+            "repeats": per_run}
 
 
 def locust_command() -> list[str]:
@@ -86,8 +115,9 @@ def run_locust(spec: LoadSpec, host: str, inputs: Path, task: str, work_dir: Pat
         LoadError: Locust failed or wrote no stats (with its log tail).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    stem = work_dir / f"locust-{spec.mode}-{spec.users}u-{spec.rate or 0:g}r-{os.getpid()}"
-    json_file = stem.with_suffix(".json")
+    rate = f"{spec.rate or 0:g}".replace(".", "p")  # Locust appends .json: no dot in the stem
+    stem = work_dir / f"locust-{spec.profile}-{spec.mode}-{spec.users}u-{rate}r-{os.getpid()}"
+    json_file = stem.with_name(stem.name + ".json")
     json_file.unlink(missing_ok=True)
     user_class = "OpenLoopUser" if spec.mode == "open" else "ClosedLoopUser"
     cmd = [*locust_command(), "-f", str(LOCUSTFILE), "--headless", "--only-summary",
@@ -98,14 +128,15 @@ def run_locust(spec: LoadSpec, host: str, inputs: Path, task: str, work_dir: Pat
         cmd += ["--processes", str(spec.processes)]
     cmd.append(user_class)
     env = {**os.environ, "MODELPRESS_BENCH_INPUTS": str(inputs), "MODELPRESS_BENCH_TASK": task,
-           "MODELPRESS_BENCH_MAX_NEW_TOKENS": str(max_new_tokens)}
+           "MODELPRESS_BENCH_MAX_NEW_TOKENS": str(max_new_tokens),
+           "MODELPRESS_BENCH_PROFILE": spec.profile, "MODELPRESS_BENCH_MODEL": spec.model or ""}
     if spec.mode == "open":
         if not spec.rate or spec.rate <= 0:
             raise LoadError(f"open loop needs a positive rate, got {spec.rate}")
         env["MODELPRESS_BENCH_USER_RATE"] = str(spec.rate / spec.users)
     log.info("locust %s", " ".join(cmd))
     bound = spec.duration_s + _stop_timeout(spec) + _SLACK_S
-    log_path = stem.with_suffix(".log")
+    log_path = stem.with_name(stem.name + ".log")
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:

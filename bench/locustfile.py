@@ -9,6 +9,10 @@ modelpress; the harness (``bench/run.py``) passes everything through environment
 * ``MODELPRESS_BENCH_MAX_NEW_TOKENS``: generation length (default 32).
 * ``MODELPRESS_BENCH_USER_RATE``: open loop only, arrival rate in requests/s of each user
   (the harness divides the total rate by the user count).
+* ``MODELPRESS_BENCH_PROFILE``: ``eval`` (default: the task's own route with the eval
+  inputs) or ``chat`` (decode-bound: streaming ``POST /v1/chat/completions`` in OpenAI's
+  format, so the same users load any OpenAI-compatible server, e.g. vLLM's).
+* ``MODELPRESS_BENCH_MODEL``: chat profile, the ``model`` field (vLLM checks it).
 
 User classes (pick one by name on the command line):
 
@@ -32,6 +36,16 @@ request and overstates req/s when a run completes only a few slow requests).
 Generation requests stream (SSE) and record extra Locust entries: ``TTFT`` (time to
 first token), ``ITL`` (each inter-token gap) and ``tokens`` (response time = whole
 stream, response length = number of streamed tokens, so tokens/s = length / time).
+Chat streams count tokens from the server's ``usage`` (``stream_options.include_usage``)
+when it sends one, else one per content chunk, and add ``window tokens``: tokens that
+arrived inside the measured window, from the run start to the moment Locust starts
+stopping the users (``RUN window``: its response time is the window's length). That is
+the decode-bound throughput, unbiased by the drain after the stop, where fewer streams run.
+
+Every request also records its outcome (``OUTCOME`` entries, counts only): ``sent``,
+``200 done`` (stream ended with ``[DONE]``), ``200 lost`` (a 200 whose stream broke off
+or was malformed), ``503`` (deliberate overload answer) and ``error`` (anything else).
+``sent`` minus the others is the number of requests still open when Locust stopped.
 """
 
 from __future__ import annotations
@@ -49,6 +63,9 @@ from locust.user.task import LOCUST_STATE_STOPPING
 TASK = os.environ.get("MODELPRESS_BENCH_TASK", "text-classification")
 MAX_NEW_TOKENS = int(os.environ.get("MODELPRESS_BENCH_MAX_NEW_TOKENS", "32"))
 USER_RATE = float(os.environ.get("MODELPRESS_BENCH_USER_RATE", "1") or 1)
+PROFILE = os.environ.get("MODELPRESS_BENCH_PROFILE", "eval")
+MODEL = os.environ.get("MODELPRESS_BENCH_MODEL") or None
+_window = [time.perf_counter(), None]  # [run start, stop]: set by the test events
 
 
 def _load_inputs() -> list[str]:
@@ -73,6 +90,23 @@ def _next_input() -> str:
 def _fire(name: str, response_time_ms: float, length: int = 0, kind: str = "SSE") -> None:
     events.request.fire(request_type=kind, name=name, response_time=response_time_ms,
                         response_length=length, exception=None, context={})
+
+
+def _outcome(name: str) -> None:
+    _fire(name, 0.0, kind="OUTCOME")
+
+
+def _failed_status(resp) -> None:
+    """Record a non-200 answer: ``503`` or ``error`` (with its status, or the exception of a
+    request that got no answer, as an ``ERROR`` entry)."""
+    status = resp.status_code
+    resp.failure(f"HTTP {status}")
+    if status == 503:
+        _outcome("503")
+        return
+    _outcome("error")
+    detail = f"HTTP {status}" if status else f"no answer: {type(resp.error).__name__}"
+    _fire(detail, 0.0, kind="ERROR")
 
 
 def _check_classify(resp) -> None:
@@ -102,10 +136,11 @@ def generate_stream(client, name: str = "/generate [stream]") -> None:
     body = {"prompts": [_next_input()], "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0,
             "stream": True}
     start = time.perf_counter()
+    _outcome("sent")
     with client.post("/generate", json=body, name=name, stream=True,
                      catch_response=True) as resp:
         if resp.status_code != 200:
-            resp.failure(f"HTTP {resp.status_code}")
+            _failed_status(resp)
             return
         arrivals, done = [], False
         raw = resp._response  # geventhttpclient response: readline returns each line as it lands
@@ -122,27 +157,123 @@ def generate_stream(client, name: str = "/generate [stream]") -> None:
                     arrivals.append(time.perf_counter())
         except (ValueError, KeyError, TypeError) as exc:
             resp.failure(f"bad SSE event: {exc!r}")
+            _outcome("200 lost")
             return
         total_ms = (time.perf_counter() - start) * 1000
         resp.request_meta["response_time"] = total_ms
         if not done:
             resp.failure("stream ended without [DONE]")
+            _outcome("200 lost")
             return
-        # A model may answer with EOS straight away: an empty completion is a valid
-        # response (0 tokens), it only has no first token to time.
-        if arrivals:
-            _fire("TTFT", (arrivals[0] - start) * 1000)
-        for prev, cur in itertools.pairwise(arrivals):
-            _fire("ITL", (cur - prev) * 1000)
-        _fire("tokens", total_ms, len(arrivals))
+        _outcome("200 done")
+        _record_stream(start, arrivals, total_ms, len(arrivals))
+
+
+def _record_stream(start: float, arrivals: list[float], total_ms: float, tokens: int) -> None:
+    # A model may answer with EOS straight away: an empty completion is a valid
+    # response (0 tokens), it only has no first token to time.
+    if arrivals:
+        _fire("TTFT", (arrivals[0] - start) * 1000)
+    for prev, cur in itertools.pairwise(arrivals):
+        _fire("ITL", (cur - prev) * 1000)
+    _fire("tokens", total_ms, tokens)
+
+
+def _window_tokens(arrivals: list[float], tokens: int) -> int:
+    """Tokens of a stream that arrived inside the measured window (chunks scaled to the
+    stream's token count, for servers that send several tokens in one chunk)."""
+    if not arrivals:
+        return 0
+    end = _window[1] if _window[1] is not None else arrivals[-1]
+    inside = sum(1 for t in arrivals if t <= end)
+    return round(tokens * inside / len(arrivals))
+
+
+def _chat_body() -> dict:
+    body = {"messages": [{"role": "user", "content": _next_input()}],
+            "max_tokens": MAX_NEW_TOKENS, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if MODEL:
+        body["model"] = MODEL
+    return body
+
+
+def chat_stream(client, name: str = "/v1/chat/completions [stream]") -> None:
+    """One streamed OpenAI chat completion: TTFT, ITL, tokens, window tokens, outcome.
+
+    Tokens that arrived before a stream broke off (or before Locust stopped it) still count
+    in ``window tokens``: that is work the server did inside the window.
+    """
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    usage = None
+    _outcome("sent")
+    try:
+        with client.post("/v1/chat/completions", json=_chat_body(), name=name, stream=True,
+                         catch_response=True) as resp:
+            if resp.status_code != 200:
+                _failed_status(resp)
+                return
+            done = False
+            raw = resp._response
+            try:
+                while line := raw.readline(b"\n"):
+                    data = line.decode("utf-8").strip()
+                    if not data.startswith("data:"):
+                        continue
+                    data = data.removeprefix("data:").strip()
+                    if data == "[DONE]":
+                        done = True
+                        continue
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise ValueError(f"error event: {chunk['error']}")
+                    usage = chunk.get("usage") or usage
+                    if any((c.get("delta") or {}).get("content") for c in chunk["choices"]):
+                        arrivals.append(time.perf_counter())
+            except (ValueError, KeyError, TypeError) as exc:
+                resp.failure(f"bad SSE event: {exc!r}")
+                _outcome("200 lost")
+                return
+            total_ms = (time.perf_counter() - start) * 1000
+            resp.request_meta["response_time"] = total_ms
+            if not done:
+                resp.failure("stream ended without [DONE]")
+                _outcome("200 lost")
+                return
+            _outcome("200 done")
+            tokens = int(usage["completion_tokens"]) if usage else len(arrivals)
+            _record_stream(start, arrivals, total_ms, tokens)
+    finally:
+        tokens = int(usage["completion_tokens"]) if usage else len(arrivals)
+        _fire("window tokens", 0.0, _window_tokens(arrivals, tokens))
+
+
+@events.init.add_listener
+def _refresh_clock(environment, **_kwargs) -> None:
+    # Locust schedules its -t stop with gevent's cached loop time, which is stale by the
+    # whole start-up (seconds on a busy machine): a 4 s run then stopped after 2 s.
+    gevent.get_hub().loop.update_now()
 
 
 @events.test_start.add_listener
 def _mark_run_start(environment, **_kwargs) -> None:
+    _window[0], _window[1] = time.perf_counter(), None
     _fire("start", 0.0, kind="RUN")
 
 
-_REQUEST = generate_stream if TASK == "text-generation" else classify
+@events.test_stopping.add_listener
+def _mark_window_end(environment, **_kwargs) -> None:
+    # Measured rather than taken from -t: the stop comes when Locust gets to it.
+    if PROFILE == "chat" and _window[1] is None:
+        _window[1] = time.perf_counter()
+        _fire("window", (_window[1] - _window[0]) * 1000, kind="RUN")
+
+
+if PROFILE == "chat":
+    _REQUEST = chat_stream
+else:
+    _REQUEST = generate_stream if TASK == "text-generation" else classify
 
 
 class ClosedLoopUser(FastHttpUser):

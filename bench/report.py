@@ -20,7 +20,9 @@ CSV_COLUMNS = [
     "requests", "failures", "failure_rate", "rps", "rps_min", "rps_max", "p50_ms", "p90_ms",
     "p95_ms", "p99_ms", "max_ms", "mean_ms", "p95_min_ms", "p95_max_ms", "ttft_p50_ms",
     "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms", "tokens_per_s", "schedule_p95_ms",
-    "peak_rss_bytes", "accuracy_metric", "accuracy", "accuracy_ci_lo", "accuracy_ci_hi",
+    "profile", "max_tokens", "output_tokens_per_s", "tokens_per_request", "ttft_p99_ms",
+    "itl_p99_ms", "failures_503", "failures_other", "peak_rss_bytes", "accuracy_metric",
+    "accuracy", "accuracy_ci_lo", "accuracy_ci_hi",
     "accuracy_drop", "manifest_sha256",
 ]
 
@@ -34,7 +36,8 @@ def _get(d: dict | None, *keys: str) -> Any:
 
 
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One flat row per artifact × load level (one row for an artifact that did not run)."""
+    """One flat row per artifact × load level, eval levels then decode-bound ones (one row
+    for an artifact that did not run)."""
     out = []
     for art in results["artifacts"]:
         acc = art.get("accuracy") or {}
@@ -45,7 +48,7 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "accuracy_ci_lo": (acc.get("ci95") or [None, None])[0],
                 "accuracy_ci_hi": (acc.get("ci95") or [None, None])[1],
                 "accuracy_drop": acc.get("drop"), "manifest_sha256": art.get("manifest_sha256")}
-        for level in art.get("loads") or [None]:
+        for level in [*(art.get("loads") or []), *(art.get("decode") or [])] or [None]:
             row = dict(base)
             if level:
                 lat = level.get("latency_ms") or {}
@@ -64,7 +67,15 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "itl_p50_ms": _get(level, "itl_ms", "p50"),
                     "itl_p95_ms": _get(level, "itl_ms", "p95"),
                     "tokens_per_s": level.get("tokens_per_s"),
-                    "schedule_p95_ms": _get(level, "schedule_latency_ms", "p95")})
+                    "schedule_p95_ms": _get(level, "schedule_latency_ms", "p95"),
+                    "profile": level.get("profile", "eval"),
+                    "max_tokens": level.get("max_tokens"),
+                    "output_tokens_per_s": level.get("output_tokens_per_s"),
+                    "tokens_per_request": level.get("tokens_per_request"),
+                    "ttft_p99_ms": _get(level, "ttft_ms", "p99"),
+                    "itl_p99_ms": _get(level, "itl_ms", "p99"),
+                    "failures_503": level.get("failures_503"),
+                    "failures_other": level.get("failures_other")})
             out.append(row)
     return out
 
@@ -140,8 +151,39 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_spread(level, 'p95_ms', 0)} | {_num(lat.get('p99'), 0)} | "
                 f"{_num(lat.get('max'), 0)} | {_num(_get(level, 'ttft_ms', 'p95'), 0)} | "
                 f"{_num(_get(level, 'itl_ms', 'p95'), 0)} | {_num(level.get('tokens_per_s'))} |")
+    lines += decode_table(results["artifacts"])
     lines += ["", "![p95 latency vs accuracy](pareto.png)", ""]
     return "\n".join(lines)
+
+
+def _pcts(summary: dict | None, digits: int = 0) -> str:
+    return " / ".join(_num((summary or {}).get(k), digits) for k in ("p50", "p95", "p99"))
+
+
+def decode_table(artifacts: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the decode-bound chat levels (none if no artifact has any)."""
+    if not any(art.get("decode") for art in artifacts):
+        return []
+    first = next(lv for art in artifacts for lv in art.get("decode") or [])
+    lines = ["", "## Decode-bound chat load (what a chat user sees)", "",
+             f"Streaming `POST /v1/chat/completions`, prompts that ask for long answers, "
+             f"`max_tokens` {first.get('max_tokens')}, closed loop. Output tok/s counts the "
+             f"tokens that arrived inside the {_num(first.get('window_s'), 0)} s window, over "
+             "all streams; TTFT and ITL (gap between streamed chunks) in ms as p50 / p95 / "
+             "p99. Failures: deliberate 503s / others.", "",
+             "| artifact | streams | done | tok/stream | output tok/s | per stream | TTFT ms "
+             "| ITL ms | failures 503 / other |", "|---|---|---|---|---|---|---|---|---|"]
+    for art in artifacts:
+        for level in art.get("decode") or []:
+            done = (level.get("outcomes") or {}).get("200 done")
+            total = level.get("output_tokens_per_s")
+            lines.append(
+                f"| {art['name']} | {level['users']} | {_num(done)} | "
+                f"{_num(level.get('tokens_per_request'))} | {_num(total)} | "
+                f"{_num(total / level['users'] if total is not None else None)} | "
+                f"{_pcts(level.get('ttft_ms'))} | {_pcts(level.get('itl_ms'))} | "
+                f"{_num(level.get('failures_503'))} / {_num(level.get('failures_other'))} |")
+    return lines
 
 
 def _labels(points: list[tuple[float, float]], names: list[str]

@@ -18,7 +18,10 @@ accuracy, stop the server — then write the report.
                    "ttft_ms", "itl_ms" (same keys, generation only), "tokens_per_s",
                    "schedule_latency_ms" (open loop: from the scheduled send time),
                    "spread": {"rps": {"min", "max", "n"}, "p95_ms": {"min", "max", "n"}},
-                   "repeats": [per-repeat summaries, same keys]}]}],
+                   "repeats": [per-repeat summaries, same keys]}],
+        "decode": [decode-bound chat levels (bench/decode.py): the keys of "loads" plus
+                   "max_tokens", "output_tokens_per_s", "tokens_per_request", "outcomes",
+                   "failures_503", "failures_other"]}],
      "recommendation": {"recommended", "reason", "rejected": {name: reason}, "eligible"}}
 
 Totals over repeats are exact (histograms merged); ``spread`` is the range over repeats.
@@ -35,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import LoadError, LoadSpec, run_locust
-from bench.locust_stats import summarize
+from bench.decode import DECODE_MAX_TOKENS, run_decode
+from bench.loadgen import LoadError, LoadSpec, level_result, run_locust
 from bench.recommend import parse_slo, recommend
 from bench.report import write_report
 from bench.server import RssSampler, ServerError, ServerProcess
@@ -66,11 +69,15 @@ class BenchConfig:
         processes: Locust ``--processes`` (None: one process).
         slo: SLO string, e.g. ``p95<200ms``.
         max_accuracy_drop: Allowed accuracy drop vs the reference (None: no gate).
-        host: Benchmark this running server instead of starting one (one artifact).
+        host: Benchmark this running server instead of starting one (one artifact, or
+            none: any OpenAI-compatible server, decode-bound levels only).
         reference: Artifact name accuracy drops are measured against (default: first).
         max_new_tokens: Generation length.
         server_args: Extra ``modelpress serve`` options (e.g. ``--max-batch-size 16``).
         ready_timeout_s: How long a server may take to become ready.
+        decode_users: Decode-bound chat levels (concurrent streams; bench/decode.py).
+        decode_max_tokens: ``max_tokens`` of every decode-bound request.
+        name: Report name of a ``host`` benchmarked without an artifact.
     """
 
     artifacts: list[Path]
@@ -92,10 +99,13 @@ class BenchConfig:
     max_new_tokens: int = 32
     server_args: list[str] = field(default_factory=list)
     ready_timeout_s: float = 180.0
+    decode_users: list[int] = field(default_factory=list)
+    decode_max_tokens: int = DECODE_MAX_TOKENS
+    name: str | None = None
 
     def steps_per_artifact(self) -> int:
         """Progress steps per artifact: start, warm-up, each load run, accuracy."""
-        return 3 + self.repeats * (len(self.users) + len(self.rates))
+        return 3 + self.repeats * (len(self.users) + len(self.rates) + len(self.decode_users))
 
 
 def load_specs(config: BenchConfig) -> list[LoadSpec]:
@@ -106,22 +116,6 @@ def load_specs(config: BenchConfig) -> list[LoadSpec]:
     specs += [LoadSpec("open", open_users, config.duration_s, rate=r,
                        processes=config.processes) for r in config.rates]
     return specs
-
-
-def _level(spec: LoadSpec, runs: list[list[dict]]) -> dict[str, Any]:
-    per_run = [summarize([r]) for r in runs]
-    total = summarize(runs)
-
-    def spread(values: list[float | None]) -> dict[str, Any]:
-        vals = [v for v in values if v is not None]
-        return {"min": min(vals) if vals else None, "max": max(vals) if vals else None,
-                "n": len(vals)}
-
-    return {"mode": spec.mode, "label": spec.label, "users": spec.users, "rate": spec.rate,
-            **total,
-            "spread": {"rps": spread([r["rps"] for r in per_run]),
-                       "p95_ms": spread([(r["latency_ms"] or {}).get("p95") for r in per_run])},
-            "repeats": per_run}
 
 
 def _write_inputs(texts: list[str], path: Path) -> Path:
@@ -136,17 +130,22 @@ def artifact_names(paths: list[Path]) -> list[str]:
     return [f"{p.parent.name}/{p.name}" if short.count(p.name) > 1 else p.name for p in paths]
 
 
-def _artifact_entry(path: Path, name: str) -> dict[str, Any]:
+def _artifact_entry(path: Path | None, name: str) -> dict[str, Any]:
+    if path is None:  # a running server without an artifact (e.g. a peer)
+        return {"name": name, "path": None, "task": "text-generation", "format": "external",
+                "precision": None, "bytes": None, "manifest_sha256": None, "status": "ok",
+                "error": None, "ready_s": None, "peak_rss_bytes": None, "accuracy": None,
+                "loads": [], "decode": []}
     manifest = load_artifact(path, verify=False).manifest
     digest = hashlib.sha256((path / MANIFEST_NAME).read_bytes()).hexdigest()
     return {"name": name, "path": str(path),
             "task": manifest.task, "format": manifest.format, "precision": manifest.precision,
             "bytes": manifest.total_bytes, "manifest_sha256": digest, "status": "ok",
             "error": None, "ready_s": None, "peak_rss_bytes": None, "accuracy": None,
-            "loads": []}
+            "loads": [], "decode": []}
 
 
-def bench_artifact(config: BenchConfig, path: Path, name: str, examples: list | None,
+def bench_artifact(config: BenchConfig, path: Path | None, name: str, examples: list | None,
                    inputs: Path, reference: Any | None, progress: Progress,
                    is_reference: bool) -> tuple[dict[str, Any], Any]:
     """Benchmark one artifact; never raises for a server problem (it is recorded).
@@ -172,7 +171,8 @@ def bench_artifact(config: BenchConfig, path: Path, name: str, examples: list | 
             url = server.url
         progress(f"{name}: warming up", 1)
         steps_left -= 1
-        if config.warmup_s > 0:
+        eval_levels = bool(config.users or config.rates)
+        if config.warmup_s > 0 and eval_levels:  # decode-only: run_decode warms up itself
             run_locust(LoadSpec("closed", max(config.users or [1]), config.warmup_s), url,
                        inputs, entry["task"], work / "warmup", config.max_new_tokens)
         progress(f"{name}: load", 1)
@@ -188,8 +188,14 @@ def bench_artifact(config: BenchConfig, path: Path, name: str, examples: list | 
                                       f"{server.log_tail()}")
                 progress(f"{name}: {spec.label}, run {i + 1}/{config.repeats}", 1)
                 steps_left -= 1
-            entry["loads"].append(_level(spec, runs))
-        if examples:
+            entry["loads"].append(level_result(spec, runs))
+        if config.decode_users:
+            entry["decode"] = run_decode(
+                url, config.decode_users, config.duration_s, work, config.decode_max_tokens,
+                config.repeats, warmup_s=0 if eval_levels else config.warmup_s,
+                progress=lambda message, steps: progress(f"{name}: {message}", steps))
+            steps_left -= config.repeats * len(config.decode_users)
+        if examples and path is not None:
             from bench.accuracy import accuracy_pass
 
             progress(f"{name}: accuracy pass ({len(examples)} examples)", 0)
@@ -228,10 +234,13 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
     """
     progress = progress or (lambda message, steps: log.info(message))
     slo = parse_slo(config.slo)
-    if config.host and len(config.artifacts) != 1:
-        raise ModelpressError("--host benchmarks one running server: pass exactly one ARTIFACT")
-    if not config.users and not config.rates:
-        raise ModelpressError("--users and --rate are both empty: nothing to measure")
+    if config.host and len(config.artifacts) > 1:
+        raise ModelpressError("--host benchmarks one running server: pass one ARTIFACT at most")
+    if not config.host and not config.artifacts:
+        raise ModelpressError("ARTIFACT: pass at least one artifact folder (or --host URL)")
+    if not config.users and not config.rates and not config.decode_users:
+        raise ModelpressError("--users, --rate and --decode-users are all empty: nothing to "
+                              "measure")
     for path in config.artifacts:
         load_artifact(path, verify=False)  # fail fast on a missing or broken manifest
     examples = None
@@ -247,7 +256,10 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
         examples = load_examples(spec, limit=config.eval_samples)
         texts = [e.text for e in examples]
     inputs = _write_inputs(texts, config.out / "runs" / "inputs.jsonl")
-    named = list(zip(config.artifacts, artifact_names(config.artifacts), strict=True))
+    named: list[tuple[Path | None, str]] = list(
+        zip(config.artifacts, artifact_names(config.artifacts), strict=True))
+    if not named:
+        named = [(None, config.name or config.host)]
     if config.reference:
         ref = [(p, n) for p, n in named if config.reference in (n, str(p))]
         if not ref:

@@ -46,11 +46,14 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 class RssSampler(threading.Thread):
-    """Samples the summed RSS of a process tree every ``interval_s``; keeps the peak."""
+    """Samples the summed RSS of a process tree every ``interval_s``; keeps the peak, and
+    with ``keep_samples`` every ``(time.monotonic(), bytes)`` sample (for soak runs)."""
 
-    def __init__(self, pid: int, interval_s: float = 0.2) -> None:
+    def __init__(self, pid: int, interval_s: float = 0.2, keep_samples: bool = False) -> None:
         super().__init__(daemon=True)
         self.pid, self.interval_s, self.peak_bytes = pid, interval_s, 0
+        self.keep_samples = keep_samples
+        self.samples: list[tuple[float, int]] = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -61,6 +64,8 @@ class RssSampler(threading.Thread):
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                     total += proc.memory_info().rss
             self.peak_bytes = max(self.peak_bytes, total)
+            if self.keep_samples and total:
+                self.samples.append((time.monotonic(), total))
             self._stop_event.wait(self.interval_s)
 
     def stop(self) -> int:
@@ -77,17 +82,25 @@ class ServerProcess:
         url: Base URL, ``http://127.0.0.1:PORT``.
         pid: PID of the ``modelpress serve`` process.
         log_path: File receiving the server's stdout and stderr.
+        command: The command line the server was started with.
+        ready_path: Path that answers 200 once the server is ready.
     """
+
+    ready_path = "/readyz"
 
     def __init__(self, artifact: Path, log_path: Path, extra_args: list[str] | None = None,
                  port: int | None = None) -> None:
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
         cmd = [sys.executable, "-c", "from compress.cli import main; main()", "serve",
                str(artifact), "--host", "127.0.0.1", "--port", str(self.port),
                *(extra_args or [])]
-        env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}
+        self._start(cmd, log_path, {"BENTOML_DO_NOT_TRACK": "true"})
+
+    def _start(self, cmd: list[str], log_path: Path, env_extra: dict[str, str]) -> None:
+        """Start ``cmd`` (which must listen on ``self.port``), its output to ``log_path``."""
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path, self.command = log_path, cmd
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **env_extra}
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")  # noqa: SIM115 — closed in stop()
         self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
@@ -108,7 +121,7 @@ class ServerProcess:
         return self._proc.poll() is None
 
     def wait_ready(self, timeout_s: float = 180.0) -> float:
-        """Poll ``/readyz`` until it answers 200.
+        """Poll :attr:`ready_path` until it answers 200.
 
         Returns:
             Seconds until ready.
@@ -124,7 +137,7 @@ class ServerProcess:
                                   f"{self.log_tail()}")
             self._remember_tree()
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return time.monotonic() - start
             time.sleep(0.5)
         raise ServerError(f"server not ready after {timeout_s:.0f} s: {self.log_tail(1)} "

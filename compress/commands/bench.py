@@ -32,13 +32,20 @@ def parse_seconds(text: str, option: str) -> float:
 
 
 def command(
-    artifacts: Annotated[list[Path], typer.Argument(help="Artifact folders (first = reference).")],
+    artifacts: Annotated[list[Path] | None, typer.Argument(
+        help="Artifact folders (first = reference); none with --host.")] = None,
     data: Annotated[Path | None, typer.Option(
         help="Eval data (JSONL/CSV/TSV): replayed as load and scored for accuracy.")] = None,
     text_field: Annotated[str, typer.Option(help="Text field of --data.")] = "text",
     label_field: Annotated[str, typer.Option(help="Label field of --data.")] = "label",
     eval_samples: Annotated[int, typer.Option(help="Examples of --data to use.")] = 200,
-    users: Annotated[str, typer.Option(help="Closed-loop user counts.")] = "1,8,32",
+    users: Annotated[str, typer.Option(
+        help="Closed-loop user counts replaying --data ('' for none).")] = "1,8,32",
+    decode_users: Annotated[str, typer.Option(
+        help="Decode-bound chat levels: concurrent streams of long answers, e.g. 1,8,32 "
+             "(streaming /v1/chat/completions; none by default).")] = "",
+    decode_max_tokens: Annotated[int, typer.Option(
+        min=1, help="max_tokens of every decode-bound request.")] = 128,
     rate: Annotated[str, typer.Option(
         help="Open-loop arrival rates in requests/s, e.g. 5,20 (none by default).")] = "",
     duration: Annotated[str, typer.Option(help="Run time per load level.")] = "30s",
@@ -58,7 +65,10 @@ def command(
     )] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("bench-results"),
     host: Annotated[str | None, typer.Option(
-        help="Benchmark this running server instead of starting one (one ARTIFACT).")] = None,
+        help="Benchmark this running server instead of starting one (one ARTIFACT, or none "
+             "for any OpenAI-compatible server: decode-bound levels only).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Report name of a --host server given without an ARTIFACT.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Load-test each artifact's server with Locust, score it, and recommend one."""
@@ -72,6 +82,7 @@ def command(
     console = Console(stderr=True)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
+    artifacts = artifacts or []
     config = BenchConfig(
         artifacts=artifacts, out=out, data=data, text_field=text_field,
         label_field=label_field or None, eval_samples=eval_samples,
@@ -79,8 +90,10 @@ def command(
         duration_s=parse_seconds(duration, "--duration"),
         warmup_s=parse_seconds(warmup, "--warmup"), repeats=repeats, processes=processes,
         slo=slo, max_accuracy_drop=max_accuracy_drop, host=host, reference=reference,
-        max_new_tokens=max_new_tokens, server_args=serve_option or [])
-    total = len(artifacts) * config.steps_per_artifact()
+        max_new_tokens=max_new_tokens, server_args=serve_option or [],
+        decode_users=_numbers(decode_users, "--decode-users", int),
+        decode_max_tokens=decode_max_tokens, name=name)
+    total = max(1, len(artifacts)) * config.steps_per_artifact()
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         task = bar.add_task("bench", total=total)
@@ -107,6 +120,7 @@ def command(
                           str(level["failures"]), _fmt(level.get("rps")),
                           *(_fmt(lat.get(k), 0) for k in ("p50", "p95", "p99")), *cells)
     stdout.print(table)
+    _print_decode(stdout, results["artifacts"])
     if rec["recommended"]:
         stdout.print(f"recommended: [bold]{rec['recommended']}[/bold] — {rec['reason']}")
     else:
@@ -114,8 +128,29 @@ def command(
     for name, why in rec["rejected"].items():
         stdout.print(f"  {name}: {why}", markup=False, highlight=False)
     stdout.print(f"wrote {out}/results.json, results.csv, report.md, pareto.png")
-    if not rec["recommended"]:
+    if not rec["recommended"] and (config.users or config.rates):
         raise typer.Exit(1)
+
+
+def _print_decode(stdout, artifacts: list[dict]) -> None:
+    """The decode-bound levels: output tok/s, TTFT/ITL p50/p95/p99, 503s vs others."""
+    from rich.table import Table
+
+    if not any(art.get("decode") for art in artifacts):
+        return
+    table = Table(title="decode-bound chat load (ms: p50 / p95 / p99)")
+    for column in ("artifact", "streams", "tok/stream", "output tok/s", "TTFT ms", "ITL ms",
+                   "503", "other failures"):
+        table.add_column(column)
+    for art in artifacts:
+        for lv in art.get("decode") or []:
+            table.add_row(art["name"], str(lv["users"]), _fmt(lv.get("tokens_per_request")),
+                          _fmt(lv.get("output_tokens_per_s")),
+                          *(" / ".join(_fmt((lv.get(key) or {}).get(p), 0)
+                                       for p in ("p50", "p95", "p99"))
+                            for key in ("ttft_ms", "itl_ms")),
+                          str(lv.get("failures_503")), str(lv.get("failures_other")))
+    stdout.print(table)
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:

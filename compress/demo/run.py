@@ -3,7 +3,10 @@
 classification: LoRA-fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes → recipe (merge →
 distill 6→3 → ONNX fp32 / int8 dynamic / int8 static / int4 / NF4) → serve and bench each
 variant → report. generation: LoRA-tune SmolLM2-135M-Instruct to answer a review's
-sentiment in one word → merge → variants → serve and bench with streaming → report.
+sentiment in one word → merge → variants → serve and bench with streaming → report. The
+generation bench keeps that one-word task for load and accuracy, and adds decode-bound chat
+levels (long answers, fixed ``max_tokens``: bench/decode.py) that show what a chat user
+would see: output tok/s, time to first token and inter-token latency.
 
 Everything expensive is cached under ``--out``: the data splits, the converted SmolLM2
 folder, the fine-tuned adapter (keyed by its settings, base model and training split) and
@@ -40,6 +43,8 @@ class DemoPlan:
         repeats: Runs per load level.
         eval_samples: Examples in the benchmark's accuracy pass (None: the whole split).
         variants: Names of the recipe's variants to build (None: all of them).
+        decode_users: Decode-bound chat levels (concurrent streams; generation only).
+        decode_max_tokens: ``max_tokens`` of each decode-bound request.
     """
 
     finetune: FinetuneConfig
@@ -51,6 +56,8 @@ class DemoPlan:
     repeats: int = 1
     eval_samples: int | None = 300
     variants: list[str] | None = None
+    decode_users: list[int] = field(default_factory=list)
+    decode_max_tokens: int = 128
 
 
 def plan(task: str, quick: bool) -> DemoPlan:
@@ -68,15 +75,17 @@ def plan(task: str, quick: bool) -> DemoPlan:
     if quick:
         # torch-nf4 is left to the full run: bitsandbytes' CPU 4-bit kernels make it the
         # slowest variant here by far (a CUDA format), and the quick run must fit 5 minutes.
+        # genai-int4 is left to the full run too: its builder alone takes about 2 minutes.
         return DemoPlan(FinetuneConfig(steps=24, batch_size=8, learning_rate=1e-3, rank=8,
                                        max_length=160),
                         train_limit=192, overrides=["data.eval.samples=40"], users=[1, 4],
                         duration_s=3, warmup_s=1, eval_samples=40,
-                        variants=["onnx-fp32", "onnx-int8-dynamic", "onnx-int4"])
+                        variants=["onnx-fp32", "onnx-int8-dynamic", "onnx-int4"],
+                        decode_users=[4], decode_max_tokens=32)
     return DemoPlan(FinetuneConfig(steps=200, batch_size=8, learning_rate=1e-3, rank=8,
                                    max_length=160),
                     train_limit=1600, overrides=["data.eval.samples=200"], users=[1, 8],
-                    duration_s=10, eval_samples=200)
+                    duration_s=10, eval_samples=200, decode_users=[1, 8])
 
 
 def _adapter(out: Path, cfg: FinetuneConfig, base: Path, train_file: Path,
@@ -192,6 +201,7 @@ def run_demo(task: str, quick: bool, work: Path, report: Report) -> Path:
                          warmup_s=p.warmup_s, repeats=p.repeats, slo="p95<200ms"
                          if task == "classification" else "p95<2000ms",
                          max_accuracy_drop=0.01 if task == "classification" else 0.05,
-                         max_new_tokens=4 if task == "generation" else 32)
+                         max_new_tokens=4 if task == "generation" else 32,
+                         decode_users=p.decode_users, decode_max_tokens=p.decode_max_tokens)
     run_bench(config, lambda message, steps: report(message))
     return work / "report" / "report.md"

@@ -224,3 +224,104 @@ def test_pareto_labels_join_coincident_points_and_move_crowded_ones():
     assert set(by_name) == {"distill, onnx-fp32", "torch-nf4", "onnx-int8-static"}
     assert by_name["distill, onnx-fp32"] != by_name["torch-nf4"]  # crowded: moved apart
     assert by_name["onnx-int8-static"] == (6, 6)
+
+
+# --- decode-bound chat levels ----------------------------------------------------------
+
+def _chat_run(window_s: float = 10.0) -> list[dict]:
+    """One chat run: 6 sent, 3 streams done (128 tokens each), 2 × 503, 1 × 429."""
+    return [_entry("RUN", "start", {0: 1}, start=100.0, end=100.0),
+            _entry("RUN", "window", {round(window_s * 1000): 1}, start=110.0, end=110.0),
+            _entry("POST", "/v1/chat/completions [stream]", {5: 3, 4000: 3}, failures=3,
+                   start=100.5, end=112.0),
+            _entry("OUTCOME", "sent", {0: 6}), _entry("OUTCOME", "200 done", {0: 3}),
+            _entry("OUTCOME", "503", {0: 2}), _entry("OUTCOME", "error", {0: 1}),
+            _entry("ERROR", "HTTP 429", {0: 1}),
+            _entry("SSE", "TTFT", {150: 2, 900: 1}),
+            _entry("SSE", "ITL", {30: 300, 60: 81}),
+            _entry("SSE", "tokens", {4000: 3}, length=384),
+            _entry("SSE", "window tokens", {0: 6}, length=300)]
+
+
+def test_summarize_chat_splits_503_from_other_failures_and_counts_window_tokens():
+    total = summarize([_chat_run()])
+    assert total["requests"] == 6  # outcome, error, window and marker entries are not requests
+    assert total["failures"] == 3
+    assert (total["failures_503"], total["failures_other"]) == (2, 1)
+    assert total["errors"] == {"HTTP 429": 1}
+    assert total["outcomes"] == {"sent": 6, "200 done": 3, "503": 2, "error": 1,
+                                 "open at stop": 0}
+    assert total["tokens_per_request"] == 128.0
+    # tokens that arrived inside the 10 s window, not the 384 of the finished streams
+    assert total["window_s"] == 10.0 and total["output_tokens_per_s"] == 30.0
+    assert total["ttft_ms"]["p50"] == 150 and total["ttft_ms"]["p99"] == 900
+    assert total["itl_ms"]["p50"] == 30 and total["itl_ms"]["p99"] == 60
+    # two repeats: window tokens and windows add up
+    assert summarize([_chat_run(), _chat_run(20.0)])["output_tokens_per_s"] == 20.0
+
+
+def test_summarize_without_outcomes_leaves_split_unmeasured():
+    run = [_entry("POST", "/classify", {10: 5}, failures=1)]
+    total = summarize([run])
+    assert total["failures"] == 1 and total["failures_503"] is None
+    assert total["outcomes"] is None and total["output_tokens_per_s"] is None
+
+
+def test_summarize_counts_streams_open_at_stop():
+    run = [_entry("OUTCOME", "sent", {0: 5}), _entry("OUTCOME", "200 done", {0: 3}),
+           _entry("OUTCOME", "200 lost", {0: 1})]
+    assert summarize([run])["outcomes"]["open at stop"] == 1
+
+
+def test_report_has_decode_table_and_csv_rows(tmp_path):
+    chat = {"mode": "closed", "profile": "chat", "label": "8 streams", "users": 8,
+            "rate": None, "max_tokens": 128, **summarize([_chat_run()]),
+            "spread": {}, "repeats": []}
+    art = artifact("genai-int4", 0.0, [level("1 user", 80, 12)])
+    art["decode"] = [chat]
+    results = {"schema_version": 1, "created_at": "2025-01-01T00:00:00Z", "environment": {},
+               "config": {"slo": "p95<2000ms", "max_accuracy_drop": 0.05,
+                          "reference": "genai-int4", "duration_s": 10.0, "warmup_s": 1.0,
+                          "repeats": 1},
+               "artifacts": [art], "recommendation": recommend([art], [], None)}
+    paths = write_report(results, tmp_path)
+    text = paths["report.md"].read_text()
+    assert "## Decode-bound chat load" in text and "`max_tokens` 128" in text
+    assert ("| genai-int4 | 8 | 3 | 128.0 | 30.0 | 3.8 | 150 / 900 / 900 | 30 / 60 / 60 "
+            "| 2 / 1 |") in text
+    with open(paths["results.csv"]) as fh:
+        table = list(csv.DictReader(fh))
+    assert [(r["profile"], r["level"]) for r in table] == [("eval", "1 user"),
+                                                           ("chat", "8 streams")]
+    chat_row = table[1]
+    assert float(chat_row["output_tokens_per_s"]) == 30.0
+    assert (chat_row["failures_503"], chat_row["failures_other"]) == ("2", "1")
+    assert float(chat_row["ttft_p99_ms"]) == 900.0
+
+
+# --- soak verdicts ---------------------------------------------------------------------
+
+def test_soak_rss_growth_compares_settled_and_final_windows():
+    from bench.soak import rss_growth
+
+    # 600 s at 1 Hz: 1.0 GB up to minute 2 (warming), then 1.00 → 1.03 GB linearly
+    samples = [(float(t), 900_000_000 if t < 120 else int(1e9 + 3e7 * (t - 120) / 480))
+               for t in range(601)]
+    rss = rss_growth(samples, start=0.0, end=600.0, settle_s=120.0)
+    assert rss["settled_bytes"] == pytest.approx(1e9, rel=2e-3)
+    assert rss["growth"] == pytest.approx(0.03, abs=2e-3)
+    assert rss_growth([], 0.0, 600.0, 120.0)["growth"] is None
+
+
+def test_soak_verdicts():
+    from bench.soak import verdicts
+
+    level = {"outcomes": {"sent": 10, "200 done": 6, "503": 4, "open at stop": 0},
+             "errors": None}
+    ok = verdicts(level, {"growth": 0.01, "settled_bytes": 1e9, "end_bytes": 1.01e9}, 0.05)
+    assert all(v["ok"] for v in ok.values())
+    bad = verdicts({"outcomes": {"sent": 10, "200 done": 6, "200 lost": 1, "error": 3,
+                                 "open at stop": 0}, "errors": {"HTTP 429": 3}},
+                   {"growth": 0.08, "settled_bytes": 1e9, "end_bytes": 1.08e9}, 0.05)
+    assert not any(v["ok"] for v in bad.values())
+    assert "HTTP 429" in bad["excess answered 503"]["detail"]
