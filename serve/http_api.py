@@ -2,10 +2,12 @@
 
 The routes form a Starlette app mounted on the BentoML service. They validate requests
 themselves (strict parsing, limits, task check → 4xx ``{"error": ...}`` naming the field),
-then hand the model work to the service's batchable BentoML APIs through BentoML's
-batching dispatcher (``batch_infer`` of its app factory; the service's in-process client
-``service.to_async`` as a fallback), so every request is adaptively batched and shows up
-in BentoML's ``adaptive_batch_size`` histogram.
+then hand the model work to a :class:`serve.batcher.MicroBatcher` on this event loop
+(``/classify``: every request that queued while the model ran becomes the next batch, one
+thread hop per batch), whose batch sizes show up in ``/metrics`` as
+``bentoml_service_adaptive_batch_size``. Names without a batcher go through the service's
+public in-process client (``service.to_async``). Nothing here reaches into BentoML's
+internals.
 
 Streaming answers (SSE) are built by :mod:`serve.sse`, which closes a stream as soon as
 its client goes; :meth:`Backend.stream` then stops the generation and frees the model.
@@ -25,13 +27,12 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from serve.batcher import MicroBatcher, Overloaded
 from serve.completion import Completion, refused
 from serve.engine import EngineRefused
 from serve.runtimes import GenerationParams, UnsupportedRequest
 from serve.schemas import (
     ClassifyRequest,
-    ClassifyResponse,
-    ClassifyResult,
     GenerateItem,
     GenerateRequest,
     GenerateResponse,
@@ -60,36 +61,19 @@ _LOCK_POLL_S = 0.25
 class Backend:
     """What the routes need from the running service: limits, runtime, batched calls."""
 
-    def __init__(self, service: Modelpress, limits: Limits, workers: int) -> None:
+    def __init__(self, service: Modelpress, limits: Limits, workers: int,
+                 batchers: dict[str, MicroBatcher] | None = None) -> None:
         self.service = service
         self.limits = limits
         self.runtime = service.runtime
         self.task = service.runtime.manifest.task
         self.cap = math.ceil(limits.max_concurrency / workers)
         self.in_flight = 0
-        self.factory: Any = None  # BentoML's app factory, once found (False: not found)
+        self.batchers = dict(batchers or {})  # API name → its micro-batcher
 
     def release_slot(self) -> None:
         """A request counted in ``in_flight`` has finished (or its stream was closed)."""
         self.in_flight -= 1
-
-    def bind(self, request: Request) -> None:
-        """Find BentoML's app factory (it owns the batching dispatchers) from a request.
-
-        The outer BentoML router is ``scope["router"]``; its lifespan is the factory's
-        bound ``lifespan`` method. Calling the factory's ``batch_infer`` directly skips a
-        second pass through the HTTP stack per request; if the lookup fails (another
-        BentoML version) requests go through the service's in-process client instead.
-        """
-        if self.factory is not None:
-            return
-        lifespan = getattr(request.scope.get("router"), "lifespan_context", None)
-        factory = getattr(lifespan, "__self__", None)
-        ok = callable(getattr(factory, "batch_infer", None)) and isinstance(
-            getattr(factory, "dispatchers", None), dict)
-        self.factory = factory if ok else False
-        if not ok:
-            log.warning("BentoML app factory not found; batching through the HTTP client")
 
     def require_task(self, endpoint: str, task: str, alternative: str) -> None:
         """Refuse an endpoint the artifact's task cannot serve (400 naming both)."""
@@ -109,20 +93,25 @@ class Backend:
         return body
 
     async def call(self, name: str, **kwargs: Any) -> Any:
-        """Call a batchable BentoML API of this service; map its failures to HTTP codes."""
+        """Run the batch API ``name`` of this service; map its failures to HTTP codes.
+
+        With a micro-batcher for ``name`` (one keyword argument: this request's items) the
+        request joins the next batch; otherwise it goes through BentoML's in-process client.
+        """
         from bentoml.exceptions import BentoMLException
 
         try:
-            if self.factory and name in self.factory.dispatchers:
-                return await self.factory.batch_infer(name, (), dict(kwargs))
-            if self.factory:  # batching off: run the API method alone, in a thread
-                fn = functools.partial(getattr(self.service, name).local, **kwargs)
-                return await anyio.to_thread.run_sync(fn)
+            if name in self.batchers:
+                [items] = kwargs.values()
+                return await self.batchers[name].submit(items)
             kwargs = {k: [i.model_dump() if isinstance(i, GenerateItem) else i for i in v]
                       for k, v in kwargs.items()}
             return await getattr(self.service.to_async, name)(**kwargs)
         except UnsupportedRequest as exc:
             raise RequestError(str(exc)) from None
+        except Overloaded:
+            raise RequestError("server overloaded: the request could not be scheduled "
+                               "within max_latency_ms; retry later", 503) from None
         except BentoMLException as exc:
             status = int(getattr(exc, "error_code", 500))
             if status in (429, 503):
@@ -281,7 +270,6 @@ def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]
         @functools.wraps(handler)
         async def route(request: Request) -> Response:
             backend = get_backend()
-            backend.bind(request)
             if backend.in_flight >= backend.cap:
                 return error_response(f"too many requests in flight ({backend.cap}, "
                                       "max_concurrency); retry later", 429)
@@ -319,10 +307,10 @@ def build_routes(get_backend: Callable[[], Backend]) -> list:
         check_texts("texts", req.texts, backend.limits)
         texts = await fit_tokens(backend, "texts", req.texts, keep="head")
         rows = await backend.call("classify_batch", texts=texts)
-        results = [ClassifyResult(label=r["label"], score=r["score"],
-                                  scores=r["scores"] if req.all_scores else None)
-                   for r in rows]
-        return JSONResponse(ClassifyResponse(results=results).model_dump())
+        # ClassifyResponse's fields, built as plain dicts: this is the hot path
+        return JSONResponse({"results": [
+            {"label": r["label"], "score": r["score"],
+             "scores": r["scores"] if req.all_scores else None} for r in rows]})
 
     @guard
     async def generate(request: Request) -> Response:

@@ -10,10 +10,11 @@ BentoML fixes a service's batching and worker settings at decoration time.
 
 Layout: the public routes (``/classify``, ``/generate``, ``/metadata`` and the
 OpenAI-compatible ``/v1/...``) are a Starlette app mounted on the service; they validate
-input and then call the two batchable APIs below (``classify_batch``, ``generate_batch``)
-through BentoML's own batching dispatcher (see ``serve.http_api.Backend``), so every
-request goes through BentoML adaptive batching (``max_batch_size``/``max_latency_ms``)
-and its batch sizes appear in ``/metrics`` as ``bentoml_service_adaptive_batch_size``.
+input. ``/classify`` then queues its texts on a :class:`serve.batcher.MicroBatcher` on the
+event loop, which runs everything queued while the model was busy as one call of
+``classify_batch`` (``max_batch_size`` texts at most; a request queued longer than
+``max_latency_ms`` gets 503; ``--no-batching``: one request per call); its batch sizes
+(requests per batch) appear in ``/metrics`` as ``bentoml_service_adaptive_batch_size``.
 BentoML's ``/readyz``, ``/livez`` and ``/metrics`` stay as they are.
 
 This module imports no deep-learning framework: the runtime chosen by
@@ -24,14 +25,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 from collections import defaultdict
 from typing import Any
 
 import bentoml
-from starlette.applications import Starlette
 
 from serve.artifact import load_artifact
+from serve.asgi import DirectRoutesApp
+from serve.batcher import MicroBatcher, batch_size_observer
 from serve.engine import Engine, EngineConfig
 from serve.errors import ModelpressError
 from serve.http_api import Backend, build_routes, to_params
@@ -49,6 +52,13 @@ if SETTINGS.artifact:
         load_artifact(SETTINGS.artifact, verify=True)
     except ModelpressError as exc:
         raise SystemExit(f"error: {' '.join(str(exc).split())}") from None
+# BentoML's OpenTelemetry middleware opens four spans per request even at its default
+# sample rate of 0 (nothing is recorded): on /classify they cost more CPU than the model
+# (docs/benchmarks.md). So /classify is not traced, unless BentoML is configured
+# (BENTOML_CONFIG / BENTOML_CONFIG_OPTIONS: where a tracing exporter would be set).
+_UNTRACED: dict[str, Any] = (
+    {} if os.environ.get("BENTOML_CONFIG") or os.environ.get("BENTOML_CONFIG_OPTIONS")
+    else {"tracing": {"excluded_urls": [r"://[^/]*/classify$"]}})
 _BATCHING: dict[str, Any] = {"batchable": SETTINGS.batching,
                              "max_batch_size": SETTINGS.max_batch_size,
                              "max_latency_ms": SETTINGS.max_latency_ms}
@@ -67,6 +77,13 @@ def start_engine(runtime: Any, settings: ServeSettings) -> Engine:
     return engine
 
 
+def classify_batcher(run: Any) -> MicroBatcher:
+    """``/classify``'s micro-batcher around ``run`` (the service's ``classify_batch``)."""
+    return MicroBatcher(run, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
+                        batching=SETTINGS.batching, name="classify_batch",
+                        observe=batch_size_observer("classify_batch", SETTINGS.max_batch_size))
+
+
 class _State:
     backend: Backend | None = None
 
@@ -80,7 +97,8 @@ def _backend() -> Backend:
     return _STATE.backend
 
 
-http_app = Starlette(routes=[*build_routes(_backend), *build_openai_routes(_backend)])
+http_app = DirectRoutesApp([*build_routes(_backend), *build_openai_routes(_backend)],
+                          direct=["/classify"])
 
 
 @bentoml.service(
@@ -92,6 +110,7 @@ http_app = Starlette(routes=[*build_routes(_backend), *build_openai_routes(_back
     # still in flight on it (they fail): keep one session for the worker's lifetime.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
     logging={"access": {"enabled": SETTINGS.access_log}},
+    **_UNTRACED,
 )
 @bentoml.asgi_app(http_app, path="/")
 class Modelpress:
@@ -109,7 +128,9 @@ class Modelpress:
         if self.runtime.manifest.task == "text-generation" and hasattr(self.runtime, "step_lm"):
             self.engine = start_engine(self.runtime, SETTINGS)
             self.detokenizer = copy.deepcopy(self.runtime.tokenizer)  # event loop's own
-        _STATE.backend = Backend(self, SETTINGS.limits, SETTINGS.workers)
+        batchers = ({"classify_batch": classify_batcher(self.classify_batch)}
+                    if self.runtime.manifest.task == "text-classification" else {})
+        _STATE.backend = Backend(self, SETTINGS.limits, SETTINGS.workers, batchers)
         m = self.runtime.manifest
         log.info("serving %s (%s, %s/%s) on %s; batching=%s max_batch_size=%d "
                  "max_latency_ms=%d", SETTINGS.artifact, m.task, m.format, m.precision,
@@ -129,9 +150,10 @@ class Modelpress:
                             "workers": SETTINGS.workers,
                             "limits": SETTINGS.limits.model_dump()}}
 
-    @bentoml.api(route="/_batch/classify", **_BATCHING)
+    # Not batchable for BentoML: /classify batches on its own micro-batcher.
+    @bentoml.api(route="/_batch/classify")
     def classify_batch(self, texts: list[str]) -> list[dict[str, Any]]:
-        """Internal: classify the texts of one adaptive batch (called by ``/classify``)."""
+        """Internal: classify the texts of one micro-batch (tokenization included)."""
         with self.lock:
             results = self.runtime.classify(texts)
         return [{"label": r.label, "score": r.score, "scores": r.scores} for r in results]
