@@ -394,6 +394,15 @@ def _resolve_paths(recipe: Recipe, root: Path) -> list[str]:
             spec.path = fix(spec.path)
             if not spec.path.is_file():
                 errors.append(f"data.{section}.path: no such file: {spec.path}")
+    for i, variant in enumerate(recipe.variants):
+        options = getattr(variant, "options", None)
+        for field in type(options).model_fields if isinstance(options, BaseModel) else ():
+            value = getattr(options, field)
+            if isinstance(value, Path):  # method options name files relative to the recipe
+                setattr(options, field, fix(value))
+                if not getattr(options, field).exists():
+                    errors.append(f"variants[{i}].{field}: no such file: "
+                                  f"{getattr(options, field)}")
     for i, stage in enumerate(recipe.stages):
         if isinstance(stage, DistillConfig) and stage.student_path is not None:
             stage.student_path = fix(stage.student_path)

@@ -14,6 +14,9 @@ MatMulNBits holding the GGUF's own nibbles and scales (block 32):
   block-sum matrix and ``M`` the [K/32, N] minima: the effective weight is
   ``d * q + m`` exactly (``d * q`` is exact in fp32), i.e. the GGUF's dequantization.
   ``x @ E`` is computed once per distinct input.
+* Q8_0 (``w = d * q``, int8 q): an 8-bit MatMulNBits (``q + 128``, default zero point
+  128) — bit-exact; an embedding Gather whose rows are Q8_0 becomes an 8-bit
+  GatherBlockQuantized, sharing the LM head's bytes (via Reshape) when the two are tied.
 """
 
 from __future__ import annotations
@@ -27,14 +30,22 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32
 Q4_TYPES = ("Q4_0", "Q4_1")
+IMPORTED_TYPES = (*Q4_TYPES, "Q8_0")
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 MIN_SUFFIX = "_min"
 
 
 def _unpack_gguf(raw, qtype: str):
-    """GGUF blocks [n, bytes] -> (q [n, 32] uint8, d [n] f32, m [n] f32)."""
+    """GGUF blocks [n, bytes] -> (q [n, 32] uint8, d [n] f32, m [n] f32).
+
+    Q8_0's int8 values come back offset by 128 (MatMulNBits' 8-bit default zero point).
+    """
     import numpy as np
 
     d = raw[:, :2].copy().view(np.float16).astype(np.float32)[:, 0]
+    if qtype == "Q8_0":
+        q = (raw[:, 2:].copy().view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return q, d, np.zeros_like(d)
     if qtype == "Q4_1":
         m = raw[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
         qs = raw[:, 4:]
@@ -58,7 +69,7 @@ class RowBank:
         self.raw: dict[str, tuple[str, Any]] = {}
         for tensor in GGUFReader(gguf_path).tensors:
             qtype = tensor.tensor_type.name
-            if qtype not in Q4_TYPES:
+            if qtype not in IMPORTED_TYPES:
                 continue
             data = np.asarray(tensor.data)
             values = dequantize(data, tensor.tensor_type).astype(np.float32)
@@ -86,7 +97,7 @@ class RowBank:
         qs, ds, ms, types = [], [], [], set()
         for name, row in hits:
             qtype, data = self.raw[name]
-            blocks = data[row].reshape(-1, 18 if qtype == "Q4_0" else 20)
+            blocks = data[row].reshape(-1, BLOCK_BYTES[qtype])
             q, d, m = _unpack_gguf(blocks, qtype)
             qs.append(q)
             ds.append(d)
@@ -113,6 +124,14 @@ def _replace(graph, node, q, d, m, types: set[str], accuracy_level: int,
     n, kb, _ = q.shape
     k = kb * BLOCK
     prefix = node.input[1] + "_gguf"
+    if types == {"Q8_0"}:
+        inits = [numpy_helper.from_array(q.astype(np.uint8), prefix + "_Q8"),
+                 numpy_helper.from_array(d.reshape(-1).astype(np.float32), prefix + "_scales")]
+        graph.initializer.extend(inits)
+        return [onnx.helper.make_node(
+            "MatMulNBits", [node.input[0], inits[0].name, inits[1].name], list(node.output),
+            name=node.name + "_gguf", domain="com.microsoft", K=k, N=n, bits=8,
+            block_size=BLOCK, accuracy_level=accuracy_level)]
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
     inits = [numpy_helper.from_array(packed, prefix + "_Q4"),
              numpy_helper.from_array(d.reshape(-1).astype(np.float32), prefix + "_scales")]
@@ -147,6 +166,36 @@ def _replace(graph, node, q, d, m, types: set[str], accuracy_level: int,
     return nodes
 
 
+def _gather(graph, node, q, d, shared: dict[bytes, tuple[str, str]]) -> list:
+    """An 8-bit GatherBlockQuantized for an embedding Gather whose rows are all Q8_0."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    v, kb, _ = q.shape
+    data = q.reshape(v, kb * BLOCK).astype(np.uint8)
+    key = hashlib.blake2b(data.tobytes() + d.tobytes(), digest_size=16).digest()
+    prefix = node.input[0] + "_gguf"
+    nodes = []
+    if key in shared:  # tied with an imported LM head: reshape its bytes, store nothing new
+        b_name, s_name = shared[key]
+        for src, shape, out in ((b_name, [v, kb * BLOCK], prefix + "_Q8"),
+                                (s_name, [v, kb], prefix + "_scales")):
+            graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64),
+                                                             out + "_shape"))
+            nodes.append(onnx.helper.make_node("Reshape", [src, out + "_shape"], [out],
+                                               name=out + "_reshape"))
+    else:
+        graph.initializer.extend([numpy_helper.from_array(data, prefix + "_Q8"),
+                                  numpy_helper.from_array(d.astype(np.float32),
+                                                          prefix + "_scales")])
+    nodes.append(onnx.helper.make_node(
+        "GatherBlockQuantized", [prefix + "_Q8", node.input[1], prefix + "_scales"],
+        list(node.output), name=node.name + "_gguf", domain="com.microsoft", bits=8,
+        block_size=BLOCK, gather_axis=0, quantize_axis=1))
+    return nodes
+
+
 def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4) -> dict[str, Any]:
     """Replace every MatMul whose fp32 weight the GGUF's Q4 blocks reproduce exactly.
 
@@ -167,23 +216,45 @@ def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4) -> dict[
     new_nodes, imported, skipped, types_seen = [], [], [], set()
     blocksums: dict[str, str] = {}
     used: set[str] = set()
+    shared: dict[bytes, tuple[str, str]] = {}
+    gathers = []
     for node in list(graph.node):
         weight = None
         if node.op_type == "MatMul" and node.input[1] in inits:
             weight = numpy_helper.to_array(inits[node.input[1]])
+        elif node.op_type == "Gather" and node.input[0] in inits:
+            gathers.append(node)  # after the MatMuls: it may share the LM head's bytes
+            new_nodes.append(node)
+            continue
         if weight is None or weight.ndim != 2 or weight.shape[0] % BLOCK:
             new_nodes.append(node)
             continue
         hits = bank.match(weight.T)
-        if hits is None:
-            skipped.append(node.name)
+        blocks = bank.blocks(hits) if hits is not None else None
+        if blocks is None or ("Q8_0" in blocks[3] and len(blocks[3]) > 1):
+            skipped.append(node.name)  # no exact rows, or Q8_0 rows mixed with Q4 rows
             new_nodes.append(node)
             continue
-        q, d, m, types = bank.blocks(hits)
+        q, d, m, types = blocks
         new_nodes += _replace(graph, node, q, d, m, types, accuracy_level, blocksums)
+        if types == {"Q8_0"}:
+            packed = q.reshape(q.shape[0], -1).astype("uint8")
+            shared[hashlib.blake2b(packed.tobytes() + d.tobytes(), digest_size=16)
+                   .digest()] = (node.input[1] + "_gguf_Q8", node.input[1] + "_gguf_scales")
         imported.append(node.name)
         types_seen |= types
         used.add(node.input[1])
+    for node in gathers:
+        table = numpy_helper.to_array(inits[node.input[0]])
+        hits = bank.match(table) if table.ndim == 2 and table.shape[1] % BLOCK == 0 else None
+        blocks = bank.blocks(hits) if hits is not None else None
+        if blocks is None or blocks[3] != {"Q8_0"}:
+            continue
+        at = next(i for i, n in enumerate(new_nodes) if n is node)
+        new_nodes[at:at + 1] = _gather(graph, node, blocks[0], blocks[1], shared)
+        imported.append(node.name)
+        types_seen.add("Q8_0")
+        used.add(node.input[0])
     graph.ClearField("node")
     graph.node.extend(new_nodes)
     still_used = {i for n in graph.node for i in n.input}
@@ -196,8 +267,8 @@ def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4) -> dict[
     return {"file": str(gguf_path), "exact": True, "block_size": BLOCK,
             "types": sorted(types_seen), "imported": imported,
             "not_matched": skipped,
-            "note": "Q4_1 offsets as a block-sum correction MatMul" if "Q4_1" in types_seen
-            else "Q4_0 scales with zero point 8"}
+            "note": "Q4_0: scales, zero point 8; Q4_1: zero point 0 plus the minima as a "
+                    "block-sum correction MatMul; Q8_0: 8-bit, zero point 128"}
 
 
 def effective_weight(model, node_name: str):
@@ -212,18 +283,23 @@ def effective_weight(model, node_name: str):
     inits = {i.name: i for i in model.graph.initializer}
     node = next(n for n in model.graph.node if n.name == node_name)
     attrs = {a.name: a.i for a in node.attribute}
-    k, n, bs = attrs["K"], attrs["N"], attrs["block_size"]
+    k, n, bs, bits = attrs["K"], attrs["N"], attrs["block_size"], attrs["bits"]
     kb = -(-k // bs)
-    packed = numpy_helper.to_array(inits[node.input[1]]).reshape(n, kb, bs // 2)
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, kb, bs).astype(np.float32)
+    packed = numpy_helper.to_array(inits[node.input[1]])
+    if bits == 8:
+        q = packed.reshape(n, kb, bs).astype(np.float32)
+    else:
+        packed = packed.reshape(n, kb, bs // 2)
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, kb, bs)
+        q = q.astype(np.float32)
     scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, kb, 1).astype(np.float32)
     if len(node.input) > 3 and node.input[3]:
         zp = numpy_helper.to_array(inits[node.input[3]])
-        if zp.dtype == np.uint8:
+        if zp.dtype == np.uint8 and bits == 4:
             zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :kb]
         zp = zp.reshape(n, kb, 1).astype(np.float32)
     else:
-        zp = np.float32(8)
+        zp = np.float32(2 ** (bits - 1))
     weight = (scale * (q - zp)).reshape(n, kb * bs)[:, :k]
     consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
     minima_name = node.input[1].removesuffix("_Q4") + MIN_SUFFIX

@@ -138,10 +138,12 @@ def gptq_graph(model, options, reader, symmetric: bool, accuracy_level: int) -> 
     inits = {i.name: i for i in model.graph.initializer}
     targets = {}
     for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits:
+        if node.op_type == "MatMul" and node.input[1] in inits and "_gguf" not in node.name:
             dims = list(inits[node.input[1]].dims)
             if len(dims) == 2 and dims[0] % bs == 0:
                 targets[node.name] = node
+    if not targets:  # e.g. every MatMul took GGUF blocks or 8 bits already
+        return model
     hess = _hessians(model, {n: node.input[0] for n, node in targets.items()}, reader)
     replaced: dict[str, Any] = {}
     for name, node in tqdm(targets.items(), desc="GPTQ", unit="layer", leave=False):

@@ -61,16 +61,22 @@ def algorithm(name: str, *, calibrated: bool = False, symmetric: bool = True,
     def wrap(make: Callable[[Any, Any], Any]):
         def run(model, options, reader, symmetric: bool):
             return _run_pass(model, bits=4, algo_config=make(options, reader),
-                             **_common(options, symmetric))
+                             **_common(options, symmetric, _protected(model)))
 
         ALGORITHMS[name] = Algorithm(name, run, calibrated, symmetric, summary)
         return make
     return wrap
 
 
-def _common(options, symmetric: bool) -> dict[str, Any]:
+def _common(options, symmetric: bool, exclude: list[str]) -> dict[str, Any]:
     return {"block_size": options.block_size, "is_symmetric": symmetric,
-            "accuracy_level": options.accuracy_level, "op_types_to_quantize": ("MatMul",)}
+            "accuracy_level": options.accuracy_level, "op_types_to_quantize": ("MatMul",),
+            "nodes_to_exclude": exclude}
+
+
+def _protected(model) -> list[str]:
+    """MatMuls no pass may touch: the GGUF import's exact Q4_1 offset corrections."""
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and "_gguf" in n.name]
 
 
 def _gptq(model, options, reader, symmetric: bool):
@@ -123,6 +129,34 @@ def _sensitive_nodes(names: list[str]) -> list[str]:
     keep = set(sensitive_layers(max(layer_of.values(), default=-1) + 1))
     return [n for n, i in layer_of.items()
             if i in keep and any(f"/{part}/" in n for part in SENSITIVE_PARTS)]
+
+
+def untie_embeddings(model) -> bool:
+    """Give a Gather that reads ``Transpose(initializer)`` its own transposed table.
+
+    onnxruntime-genai's fp32 build of a tied-embedding model (SmolLM2) feeds the embedding
+    Gather from a Transpose of the LM head's weight: quantizing the LM head would then keep
+    the fp32 table alive for the Gather. Untied, each is quantized on its own.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {n.output[0]: n for n in model.graph.node if n.op_type == "Transpose"}
+    done = False
+    for node in model.graph.node:
+        src = producers.get(node.input[0]) if node.op_type == "Gather" else None
+        if src is not None and src.input[0] in inits:
+            table = numpy_helper.to_array(inits[src.input[0]]).T.copy()
+            model.graph.initializer.append(numpy_helper.from_array(table, node.name + ".table"))
+            node.input[0] = node.name + ".table"
+            done = True
+    if done:
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [n for n in model.graph.node if n.op_type != "Transpose"
+                or any(o in used for o in n.output)]
+        model.graph.ClearField("node")
+        model.graph.node.extend(keep)
+    return done
 
 
 def _matmul_weights(model) -> dict[str, Any]:
@@ -187,26 +221,26 @@ def quantize_graph(model, options, reader=None) -> tuple[Any, dict[str, Any]]:
     """
     algo = ALGORITHMS[options.algorithm]
     symmetric = algo.symmetric if options.symmetric is None else options.symmetric
+    untied = untie_embeddings(model)
     weights = _matmul_weights(model)
     mixed = options.algorithm in MIXED_ALGORITHMS
     int8_nodes = [n for n in weights if (options.int8_lm_head or mixed) and n in LM_HEAD_NODES]
     if mixed:
         int8_nodes += _sensitive_nodes(list(weights))
-    common = _common(options, symmetric)
     if int8_nodes:  # ORT's C++ quantizer at 8 bits, only on these nodes
-        model = _run_pass(model, bits=8, nodes_to_exclude=[n for n in weights
-                                                           if n not in int8_nodes], **common)
+        others = [n for n in weights if n not in int8_nodes] + _protected(model)
+        model = _run_pass(model, bits=8, **_common(options, symmetric, others))
     if options.algorithm.startswith("k_quant"):
         _check_k_quant(weights, options.block_size, set(int8_nodes))
     model = algo.run(model, options, reader, symmetric)
     _set_accuracy_level(model, options.accuracy_level)
     details: dict[str, Any] = {"algorithm": options.algorithm, "summary": algo.summary,
-                               "symmetric": symmetric,
+                               "symmetric": symmetric, "untied_embeddings": untied,
                                "int8_nodes": int8_nodes}
     if options.embeddings == "int4":
         model = _run_pass(model, bits=4, block_size=options.block_size,
                           is_symmetric=symmetric, op_types_to_quantize=("Gather",),
-                          quant_axes=(("Gather", 1),))
+                          quant_axes=(("Gather", 1),), nodes_to_exclude=_protected(model))
         details["embeddings"] = "int4 GatherBlockQuantized"
     counts: dict[str, int] = {}
     for node in model.graph.node:

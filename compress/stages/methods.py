@@ -62,8 +62,11 @@ class Int4Options(Strict):
         int8_lm_head: Quantize the LM head to 8 bits instead of 4.
         embeddings: ``int4`` quantizes the embedding table (GatherBlockQuantized; ORT
             quantizes Gather to 4 bits only), ``fp32`` keeps it.
-        gguf_blocks: When the base is a GGUF, write its Q4_0/Q4_1 blocks into the MatMuls
-            whose weights they reproduce exactly instead of rounding again.
+        gguf_blocks: Write the GGUF's Q4_0/Q4_1 blocks into the MatMuls whose weights they
+            reproduce exactly instead of rounding again (rows are matched by their exact
+            values, so a wrong or unrelated GGUF simply matches nothing).
+        gguf_file: The GGUF to import blocks from (relative to the recipe); default: the
+            base's ``gguf_file`` when the base was loaded from a GGUF.
         percdamp: GPTQ dampening (fraction of the mean Hessian diagonal).
         actorder: GPTQ: quantize columns in order of decreasing activation energy.
         calibration_max_length: Tokens per calibration text (GPTQ).
@@ -77,6 +80,7 @@ class Int4Options(Strict):
     int8_lm_head: bool = False
     embeddings: Literal["fp32", "int4"] = "fp32"
     gguf_blocks: bool = True
+    gguf_file: Path | None = None
     percdamp: float = Field(default=0.01, gt=0)
     actorder: bool = False
     calibration_max_length: int = Field(default=128, gt=1)
@@ -225,7 +229,7 @@ def _plan_int4(recipe: Recipe, variant: Any) -> tuple[str, str]:
     return "onnx", variant.method
 
 
-@register("quantize", "int4-weight-only", config=Int4Options, plan=_plan_int4, version=2,
+@register("quantize", "int4-weight-only", config=Int4Options, plan=_plan_int4, version=3,
           summary="MatMulNBits int4 (rtn, gptq, hqq, k_quant, k_quant_mixed)")
 def _build_int4(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages.quantize import int4_weight_only

@@ -150,12 +150,15 @@ def int4_weight_only(ctx) -> dict[str, Any]:
                                "accuracy_level": options.accuracy_level,
                                "graph": options.graph, "options": options.model_dump()}
     base_spec = ctx.recipe.base
-    if options.gguf_blocks and base_spec.gguf_file:
+    gguf = options.gguf_file or (base_spec.path / base_spec.gguf_file
+                                 if base_spec.gguf_file else None)
+    if options.gguf_blocks and gguf is not None:
         from compress.stages.gguf_blocks import import_gguf_blocks
 
-        ctx.report("writing the GGUF's Q4 blocks into MatMulNBits")
-        details["gguf_blocks"] = import_gguf_blocks(
-            model, base_spec.path / base_spec.gguf_file, options.accuracy_level)
+        ctx.report(f"writing the Q4/Q8 blocks of {gguf.name} into MatMulNBits")
+        untied = int4.untie_embeddings(model)  # the embedding Gather gets its own rows
+        details["gguf_blocks"] = import_gguf_blocks(model, gguf, options.accuracy_level)
+        details["gguf_blocks"]["untied_embeddings"] = untied
     reader = None
     if int4.ALGORITHMS[options.algorithm].calibrated:
         texts = calibration_texts(ctx.recipe, default=32)

@@ -31,10 +31,12 @@ def tiny_gguf(tiny, tmp_path_factory):
                if n.op_type == "MatMul" and n.input[1] in inits]
     writer = GGUFWriter(str(root / "tiny.gguf"), "llama")
     expected, rng = {}, np.random.default_rng(0)
-    untouched = matmuls[-1].name  # stays fp32: must not match
-    for i, node in enumerate(matmuls[:-1]):
+    untouched = matmuls[0].name  # stays fp32: must not match
+    for i, node in enumerate(matmuls[1:]):
         weight_t = numpy_helper.to_array(inits[node.input[1]]).T.copy()  # [N, K]
         qtype = GGMLQuantizationType.Q4_0 if i % 2 else GGMLQuantizationType.Q4_1
+        if node.name == "/lm_head/MatMul":
+            qtype = GGMLQuantizationType.Q8_0
         raw = quantize(weight_t, qtype)
         values = dequantize(raw, qtype).astype(np.float32)
         # the graph holds the dequantized GGUF weights (what transformers loads) ...
@@ -43,6 +45,13 @@ def tiny_gguf(tiny, tmp_path_factory):
         # ... and the GGUF stores some tensors with rows permuted (as llama q/k are)
         perm = rng.permutation(len(raw)) if i % 3 == 0 else np.arange(len(raw))
         writer.add_tensor(f"blk.{i}.weight", raw[perm], raw_dtype=qtype)
+    embed = next(n for n in model.graph.node if n.op_type == "Gather"
+                 and n.input[0] in inits)  # the embedding table [vocab, hidden], as Q8_0
+    raw = quantize(numpy_helper.to_array(inits[embed.input[0]]), GGMLQuantizationType.Q8_0)
+    table = dequantize(raw, GGMLQuantizationType.Q8_0).astype(np.float32)
+    inits[embed.input[0]].CopyFrom(numpy_helper.from_array(table, embed.input[0]))
+    expected[embed.name] = table
+    writer.add_tensor("token_embd.weight", raw, raw_dtype=GGMLQuantizationType.Q8_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -56,11 +65,20 @@ def test_imported_weights_equal_gguf_dequantization_exactly(tiny_gguf):
     path, gguf_path, expected, untouched = tiny_gguf
     model = onnx.load(path)
     details = import_gguf_blocks(model, gguf_path, accuracy_level=0)
-    assert details["exact"] and details["types"] == ["Q4_0", "Q4_1"]
+    assert details["exact"] and details["types"] == ["Q4_0", "Q4_1", "Q8_0"]
     assert details["not_matched"] == [untouched]
     assert len(details["imported"]) == len(expected)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert ops["/lm_head/MatMul_gguf"] == "MatMulNBits"
     for name, values in expected.items():
-        got = effective_weight(model, name + "_gguf")
+        if ops[name + "_gguf"] == "GatherBlockQuantized":
+            inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+            node = next(n for n in model.graph.node if n.name == name + "_gguf")
+            data, scales = inits[node.input[0]], inits[node.input[2]]
+            got = ((data.astype(np.float32) - 128).reshape(len(data), -1, 32)
+                   * scales[..., None]).reshape(data.shape)
+        else:
+            got = effective_weight(model, name + "_gguf")
         assert got.dtype == np.float32 and np.array_equal(got, values), name
 
 
@@ -84,9 +102,14 @@ def test_algorithm_pass_leaves_imported_blocks_alone(tiny_gguf):
     path, gguf_path, expected, untouched = tiny_gguf
     model = onnx.load(path)
     import_gguf_blocks(model, gguf_path)
-    model, details = quantize_graph(model, Int4Options(algorithm="rtn", block_size=16))
+    model, details = quantize_graph(model, Int4Options(algorithm="rtn", block_size=16,
+                                                       embeddings="int4"))
     assert details["operators"].get("MatMul", 0) >= 1  # the block-sum corrections
     names = {n.name for n in model.graph.node if n.op_type == "MatMulNBits"}
     assert untouched + "_Q4" in names  # the unmatched one went to the algorithm
+    assert details["operators"]["GatherBlockQuantized"] == 1  # the imported 8-bit one
+    corrections = [n for n in model.graph.node if n.name.endswith("_gguf_m")]
+    assert corrections and all(n.op_type == "MatMul" for n in corrections)  # not quantized
     for name, values in expected.items():
-        assert np.array_equal(effective_weight(model, name + "_gguf"), values), name
+        if "Gather" not in name:
+            assert np.array_equal(effective_weight(model, name + "_gguf"), values), name
