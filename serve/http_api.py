@@ -9,8 +9,11 @@ thread hop per batch), whose batch sizes show up in ``/metrics`` as
 public in-process client (``service.to_async``). Nothing here reaches into BentoML's
 internals.
 
-Streaming answers (SSE) are built by :mod:`serve.sse`, which closes a stream as soon as
-its client goes; :meth:`Backend.stream` then stops the generation and frees the model.
+Generation (``/generate`` here, ``/v1/*`` in :mod:`serve.openai_api`) submits each
+prompt to the worker's :class:`serve.engine.Engine` and waits for admission before any
+header is sent (503 past the queue deadline). Streaming answers (SSE) are built by
+:mod:`serve.sse`, which closes a stream as soon as its client goes; the request is then
+aborted in the engine, which frees its slot at the next step.
 """
 
 from __future__ import annotations
@@ -53,9 +56,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Response]]
 Body = TypeVar("Body")  # the pydantic request model a route parses
-_DONE = object()
-# How often a request waiting for the model lock checks whether it was cancelled.
-_LOCK_POLL_S = 0.25
 
 
 class Backend:
@@ -104,8 +104,6 @@ class Backend:
             if name in self.batchers:
                 [items] = kwargs.values()
                 return await self.batchers[name].submit(items)
-            kwargs = {k: [i.model_dump() if isinstance(i, GenerateItem) else i for i in v]
-                      for k, v in kwargs.items()}
             return await getattr(self.service.to_async, name)(**kwargs)
         except UnsupportedRequest as exc:
             raise RequestError(str(exc)) from None
@@ -120,13 +118,6 @@ class Backend:
             log.error("%s failed: %s", name, exc)
             raise RequestError("internal error while running the model; see the server "
                                "log", 500) from None
-
-    async def acquire_model(self) -> None:
-        """Take the model lock without tying a thread to it: short waits, so a request
-        whose client is gone (cancelled) stops waiting within ``_LOCK_POLL_S``."""
-        lock = self.service.lock
-        while not await anyio.to_thread.run_sync(lock.acquire, True, _LOCK_POLL_S):
-            pass
 
     async def run_locked(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a runtime call in a thread, serialised with the batch calls."""
@@ -158,18 +149,12 @@ class Backend:
 
     async def generate(self, items: list[GenerateItem]) -> list[dict[str, Any]]:
         """Complete every item (the engine batches them with everything else running)."""
-        if self.service.engine is not None:
-            tasks = [asyncio.ensure_future(self._complete(item)) for item in items]
-            try:
-                return list(await asyncio.gather(*tasks))
-            finally:  # one failed (or the client went): the others abort in the engine
-                for task in tasks:
-                    task.cancel()
-        rows = await self.call("generate_batch", items=list(items))
-        for row in rows:
-            if "error" in row:
-                raise RequestError(row["error"])
-        return rows
+        tasks = [asyncio.ensure_future(self._complete(item)) for item in items]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # one failed (or the client went): the others abort in the engine
+            for task in tasks:
+                task.cancel()
 
     async def _complete(self, item: GenerateItem) -> dict[str, Any]:
         completion = await self.open_completion(item)
@@ -186,8 +171,6 @@ class Backend:
 
         Admission is awaited first, so an overloaded server answers 503 before any header.
         """
-        if self.service.engine is None:
-            return streaming_response(self._stream_events(item, chunk))
         completion = await self.open_completion(item)
 
         async def events() -> AsyncIterator[str]:
@@ -201,36 +184,6 @@ class Backend:
         response = streaming_response(events())
         response.on_close.append(completion.close)  # the client went before the end
         return response
-
-    async def _stream_events(self, item: GenerateItem,
-                             chunk: Callable[[str | None, Any], str | None]
-                             ) -> AsyncIterator[str]:
-        async with aclosing(self.stream(item)) as deltas:
-            async for delta in deltas:
-                yield chunk(delta, None)
-        yield sse("[DONE]")
-
-    async def stream(self, item: GenerateItem) -> AsyncIterator[str]:
-        """Text deltas of one prompt; holds the model lock for the whole stream.
-
-        Closing this generator early (client gone) closes the runtime's stream, which
-        stops its generation, then releases the lock. The clean-up is shielded: it runs
-        to the end even when the request's task is being cancelled.
-        """
-        params = to_params(item)
-        await self.acquire_model()
-        gen = None
-        try:
-            gen = self.runtime.stream(item.prompt, params)
-            while (delta := await anyio.to_thread.run_sync(next, gen, _DONE)) is not _DONE:
-                yield delta
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    if gen is not None:  # in a thread: closing joins the generation thread
-                        await anyio.to_thread.run_sync(gen.close)
-                finally:
-                    self.service.lock.release()
 
 
 def to_params(item: GenerateItem) -> GenerationParams:

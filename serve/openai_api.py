@@ -1,11 +1,11 @@
 """OpenAI-compatible routes: ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``GET /v1/models``, so the ``openai`` Python client works against the service unchanged.
 
-Non-streaming requests go through the same batchable ``generate_batch`` API as
-``/generate``; ``stream: true`` answers server-sent events in OpenAI's chunk format and
-ends with ``data: [DONE]``. Chat messages are rendered with the model's chat template.
-Fields OpenAI defines that this server cannot honour (``n > 1``, ``logprobs``, penalties)
-get a 400 naming the field rather than being ignored silently.
+Every request runs on the generation engine, as ``/generate``'s do (usage and
+``finish_reason`` are its token counts); ``stream: true`` answers server-sent events in
+OpenAI's chunk format and ends with ``data: [DONE]``. Chat messages are rendered with the
+model's chat template. Fields OpenAI defines that this server cannot honour (``n > 1``,
+``logprobs``, penalties) get a 400 naming the field rather than being ignored silently.
 """
 
 from __future__ import annotations

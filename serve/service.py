@@ -15,6 +15,8 @@ event loop, which runs everything queued while the model was busy as one call of
 ``classify_batch`` (``max_batch_size`` texts at most; a request queued longer than
 ``max_latency_ms`` gets 503; ``--no-batching``: one request per call); its batch sizes
 (requests per batch) appear in ``/metrics`` as ``bentoml_service_adaptive_batch_size``.
+Generation routes submit each prompt to the worker's :class:`serve.engine.Engine`
+(continuous batching; its ``modelpress:*`` metrics appear in ``/metrics`` too).
 BentoML's ``/readyz``, ``/livez`` and ``/metrics`` stay as they are.
 
 This module imports no deep-learning framework: the runtime chosen by
@@ -27,7 +29,6 @@ import copy
 import logging
 import os
 import threading
-from collections import defaultdict
 from typing import Any
 
 import bentoml
@@ -37,10 +38,10 @@ from serve.asgi import DirectRoutesApp
 from serve.batcher import MicroBatcher, batch_size_observer
 from serve.engine import Engine, EngineConfig
 from serve.errors import ModelpressError
-from serve.http_api import Backend, build_routes, to_params
+from serve.http_api import Backend, build_routes
 from serve.openai_api import build_openai_routes
-from serve.runtimes import UnsupportedRequest, load_runtime
-from serve.schemas import GenerateItem, ServeSettings
+from serve.runtimes import load_runtime
+from serve.schemas import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Modelpress:
         self.lock = threading.Lock()
         self.engine: Engine | None = None
         self.detokenizer: Any = None
-        if self.runtime.manifest.task == "text-generation" and hasattr(self.runtime, "step_lm"):
+        if self.runtime.manifest.task == "text-generation":
             self.engine = start_engine(self.runtime, SETTINGS)
             self.detokenizer = copy.deepcopy(self.runtime.tokenizer)  # event loop's own
         batchers = ({"classify_batch": classify_batcher(self.classify_batch)}
@@ -148,6 +149,11 @@ class Modelpress:
                             "max_batch_size": SETTINGS.max_batch_size,
                             "max_latency_ms": SETTINGS.max_latency_ms,
                             "workers": SETTINGS.workers,
+                            "engine": ({"max_running": SETTINGS.max_running,
+                                        "max_kv_tokens": SETTINGS.max_kv_tokens,
+                                        "max_waiting": SETTINGS.max_waiting,
+                                        "queue_timeout_s": SETTINGS.queue_timeout_s}
+                                       if self.engine is not None else None),
                             "limits": SETTINGS.limits.model_dump()}}
 
     # Not batchable for BentoML: /classify batches on its own micro-batcher.
@@ -157,35 +163,3 @@ class Modelpress:
         with self.lock:
             results = self.runtime.classify(texts)
         return [{"label": r.label, "score": r.score, "scores": r.scores} for r in results]
-
-    @bentoml.api(route="/_batch/generate", **_BATCHING)
-    def generate_batch(self, items: list[GenerateItem]) -> list[dict[str, Any]]:
-        """Internal: complete the prompts of one adaptive batch.
-
-        Items with the same decoding settings run as one left-padded batch. An item the
-        runtime refuses (``UnsupportedRequest``, e.g. no room in the context) gets
-        ``{"error": message}`` without failing the other requests of the batch.
-        """
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            groups[item.params_key()].append(i)
-        out: list[dict[str, Any]] = [{}] * len(items)
-        with self.lock:
-            for indices in groups.values():
-                params = to_params(items[indices[0]])
-                prompts = [items[i].prompt for i in indices]
-                try:
-                    done = dict(zip(indices, self.runtime.generate(prompts, params),
-                                    strict=True))
-                except UnsupportedRequest:  # run them alone: only the refused ones fail
-                    done = {}
-                    for i in indices:
-                        try:
-                            [done[i]] = self.runtime.generate([items[i].prompt], params)
-                        except UnsupportedRequest as exc:
-                            out[i] = {"error": str(exc)}
-                for i, g in done.items():
-                    out[i] = {"text": g.text, "prompt_tokens": g.prompt_tokens,
-                              "completion_tokens": g.completion_tokens,
-                              "finish_reason": g.finish_reason}
-        return out
