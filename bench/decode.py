@@ -69,15 +69,16 @@ def served_model(url: str) -> str | None:
         return None
 
 
-def decode_specs(users: list[int], duration_s: float, model: str | None) -> list[LoadSpec]:
+def decode_specs(users: list[int], duration_s: float, model: str | None,
+                 extra_body: dict[str, Any] | None = None) -> list[LoadSpec]:
     """Closed-loop chat levels, one per stream count."""
     return [LoadSpec("closed", u, duration_s, profile="chat", stop_timeout_s=DRAIN_S,
-                     model=model) for u in users]
+                     model=model, extra_body=extra_body) for u in users]
 
 
 def run_decode(url: str, users: list[int], duration_s: float, work: Path,
                max_tokens: int = DECODE_MAX_TOKENS, repeats: int = 1,
-               warmup_s: float = 0.0,
+               warmup_s: float = 0.0, extra_body: dict[str, Any] | None = None,
                progress: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:
     """Run the decode-bound levels against a running server.
 
@@ -89,6 +90,7 @@ def run_decode(url: str, users: list[int], duration_s: float, work: Path,
         max_tokens: ``max_tokens`` of every request.
         repeats: Runs per level.
         warmup_s: One-stream warm-up before the first level (not counted).
+        extra_body: Fields added to every request (a server's own options).
         progress: Called with a message and the number of runs just finished.
 
     Returns:
@@ -101,10 +103,10 @@ def run_decode(url: str, users: list[int], duration_s: float, work: Path,
     model = served_model(url)
     if warmup_s > 0:
         run_locust(LoadSpec("closed", 1, warmup_s, profile="chat", stop_timeout_s=DRAIN_S,
-                            model=model), url, prompts, "text-generation", work / "warmup",
-                   max_tokens)
+                            model=model, extra_body=extra_body), url, prompts,
+                   "text-generation", work / "warmup", max_tokens)
     levels = []
-    for spec in decode_specs(users, duration_s, model):
+    for spec in decode_specs(users, duration_s, model, extra_body):
         runs = []
         for i in range(repeats):
             progress(f"decode {spec.label}, run {i + 1}/{repeats}", 0)

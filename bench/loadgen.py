@@ -6,6 +6,7 @@ run is bounded in time (``-t``, plus a hard subprocess timeout).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -42,6 +43,7 @@ class LoadSpec:
         stop_timeout_s: Seconds requests in flight may finish after the run time (None:
             ``min(30, max(5, duration))``). Decode-bound levels let every stream finish.
         model: Chat profile: the ``model`` field sent (vLLM checks it).
+        extra_body: Chat profile: fields added to every request body (server options).
     """
 
     mode: Literal["closed", "open"]
@@ -52,6 +54,7 @@ class LoadSpec:
     profile: Literal["eval", "chat"] = "eval"
     stop_timeout_s: float | None = None
     model: str | None = None
+    extra_body: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -129,7 +132,8 @@ def run_locust(spec: LoadSpec, host: str, inputs: Path, task: str, work_dir: Pat
     cmd.append(user_class)
     env = {**os.environ, "MODELPRESS_BENCH_INPUTS": str(inputs), "MODELPRESS_BENCH_TASK": task,
            "MODELPRESS_BENCH_MAX_NEW_TOKENS": str(max_new_tokens),
-           "MODELPRESS_BENCH_PROFILE": spec.profile, "MODELPRESS_BENCH_MODEL": spec.model or ""}
+           "MODELPRESS_BENCH_PROFILE": spec.profile, "MODELPRESS_BENCH_MODEL": spec.model or "",
+           "MODELPRESS_BENCH_EXTRA_BODY": json.dumps(spec.extra_body or {})}
     if spec.mode == "open":
         if not spec.rate or spec.rate <= 0:
             raise LoadError(f"open loop needs a positive rate, got {spec.rate}")

@@ -13,6 +13,8 @@ modelpress; the harness (``bench/run.py``) passes everything through environment
   inputs) or ``chat`` (decode-bound: streaming ``POST /v1/chat/completions`` in OpenAI's
   format, so the same users load any OpenAI-compatible server, e.g. vLLM's).
 * ``MODELPRESS_BENCH_MODEL``: chat profile, the ``model`` field (vLLM checks it).
+* ``MODELPRESS_BENCH_EXTRA_BODY``: chat profile, JSON object merged into each request body
+  (a server's own options, e.g. vLLM's ``{"ignore_eos": true}``).
 
 User classes (pick one by name on the command line):
 
@@ -65,6 +67,7 @@ MAX_NEW_TOKENS = int(os.environ.get("MODELPRESS_BENCH_MAX_NEW_TOKENS", "32"))
 USER_RATE = float(os.environ.get("MODELPRESS_BENCH_USER_RATE", "1") or 1)
 PROFILE = os.environ.get("MODELPRESS_BENCH_PROFILE", "eval")
 MODEL = os.environ.get("MODELPRESS_BENCH_MODEL") or None
+EXTRA_BODY = json.loads(os.environ.get("MODELPRESS_BENCH_EXTRA_BODY") or "{}")
 _window = [time.perf_counter(), None]  # [run start, stop]: set by the test events
 
 
@@ -195,7 +198,7 @@ def _chat_body() -> dict:
             "stream_options": {"include_usage": True}}
     if MODEL:
         body["model"] = MODEL
-    return body
+    return {**body, **EXTRA_BODY}
 
 
 def chat_stream(client, name: str = "/v1/chat/completions [stream]") -> None:

