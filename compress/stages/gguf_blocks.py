@@ -11,9 +11,9 @@ MatMulNBits holding the GGUF's own nibbles and scales (block 32):
 * Q4_1 (``w = d * q + m``): MatMulNBits cannot hold a float offset on its fast path
   (float zero points run ~60x slower on the CPU EP), so the node gets scales ``d``, zero
   point 0, and the offsets as a small correction ``(x @ E) @ M`` with ``E`` the [K, K/32]
-  block-sum matrix and ``M`` the [K/32, N] minima: the effective weight is
-  ``d * q + m`` exactly (``d * q`` is exact in fp32), i.e. the GGUF's dequantization.
-  ``x @ E`` is computed once per distinct input.
+  block-sum matrix and ``M`` the [K/32, N] minima (kept as GGUF's fp16): the effective
+  weight is ``d * q + m`` exactly (``d * q`` is exact in fp32), i.e. the GGUF's
+  dequantization. ``x @ E`` is computed once per distinct input.
 * Q8_0 (``w = d * q``, int8 q): an 8-bit MatMulNBits (``q + 128``, default zero point
   128) — bit-exact; an embedding Gather whose rows are Q8_0 becomes an 8-bit
   GatherBlockQuantized, sharing the LM head's bytes (via Reshape) when the two are tied.
@@ -148,15 +148,22 @@ def _replace(graph, node, q, d, m, types: set[str], accuracy_level: int,
     if not symmetric:
         # E and M are Constant nodes, not initializers, so that no quantizer pass that
         # follows takes these two small MatMuls for weights to quantize.
+        # One block-sum matrix E per K for the whole graph, one x @ E per input; the
+        # minima are fp16 in GGUF, stored so (exact) and cast to fp32 once at load.
+        e_name = f"gguf_blocksum_E_{k}"
+        if e_name not in blocksums:
+            e = np.kron(np.eye(kb, dtype=np.float32), np.ones((BLOCK, 1), np.float32))
+            blocksums[e_name] = e_name
+            nodes.append(_constant(e, e_name))
         key = f"{node.input[0]}:{k}"
         if key not in blocksums:
-            e = np.kron(np.eye(kb, dtype=np.float32), np.ones((BLOCK, 1), np.float32))
             blocksums[key] = f"{node.name}_gguf_blocksum"
-            nodes += [_constant(e, blocksums[key] + "_E"),
-                      onnx.helper.make_node("MatMul", [node.input[0], blocksums[key] + "_E"],
-                                            [blocksums[key]], name=blocksums[key])]
+            nodes.append(onnx.helper.make_node("MatMul", [node.input[0], e_name],
+                                               [blocksums[key]], name=blocksums[key]))
         m_name = prefix + MIN_SUFFIX
-        nodes += [_constant(np.ascontiguousarray(m.T, np.float32), m_name),
+        nodes += [_constant(np.ascontiguousarray(m.T, np.float16), m_name + "_fp16"),
+                  onnx.helper.make_node("Cast", [m_name + "_fp16"], [m_name],
+                                        name=m_name + "_cast", to=onnx.TensorProto.FLOAT),
                   onnx.helper.make_node("MatMul", [blocksums[key], m_name],
                                         [node.output[0] + "_gguf_m"],
                                         name=node.name + "_gguf_m"),
@@ -302,8 +309,8 @@ def effective_weight(model, node_name: str):
         zp = np.float32(2 ** (bits - 1))
     weight = (scale * (q - zp)).reshape(n, kb * bs)[:, :k]
     consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
-    minima_name = node.input[1].removesuffix("_Q4") + MIN_SUFFIX
+    minima_name = node.input[1].removesuffix("_Q4") + MIN_SUFFIX + "_fp16"
     if minima_name in consts:
         minima = numpy_helper.to_array(consts[minima_name].attribute[0].t)  # [kb, N]
-        weight = weight + np.repeat(minima.T, bs, axis=1)[:, :k]
+        weight = weight + np.repeat(minima.T.astype(np.float32), bs, axis=1)[:, :k]
     return weight.T

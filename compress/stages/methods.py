@@ -229,7 +229,7 @@ def _plan_int4(recipe: Recipe, variant: Any) -> tuple[str, str]:
     return "onnx", variant.method
 
 
-@register("quantize", "int4-weight-only", config=Int4Options, plan=_plan_int4, version=3,
+@register("quantize", "int4-weight-only", config=Int4Options, plan=_plan_int4, version=4,
           summary="MatMulNBits int4 (rtn, gptq, hqq, k_quant, k_quant_mixed)")
 def _build_int4(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages.quantize import int4_weight_only
