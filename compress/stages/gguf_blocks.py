@@ -59,7 +59,7 @@ def _unpack_gguf(raw, qtype: str):
 class RowBank:
     """The dequantized rows of a GGUF's Q4 tensors, found by their exact bytes."""
 
-    def __init__(self, gguf_path: Path):
+    def __init__(self, gguf_path: Path, types: tuple[str, ...] = IMPORTED_TYPES):
         import numpy as np
         from gguf import GGUFReader
         from gguf.quants import dequantize
@@ -69,7 +69,7 @@ class RowBank:
         self.raw: dict[str, tuple[str, Any]] = {}
         for tensor in GGUFReader(gguf_path).tensors:
             qtype = tensor.tensor_type.name
-            if qtype not in IMPORTED_TYPES:
+            if qtype not in types:
                 continue
             data = np.asarray(tensor.data)
             values = dequantize(data, tensor.tensor_type).astype(np.float32)
@@ -203,13 +203,15 @@ def _gather(graph, node, q, d, shared: dict[bytes, tuple[str, str]]) -> list:
     return nodes
 
 
-def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4) -> dict[str, Any]:
+def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4,
+                       types: tuple[str, ...] = IMPORTED_TYPES) -> dict[str, Any]:
     """Replace every MatMul whose fp32 weight the GGUF's Q4 blocks reproduce exactly.
 
     Args:
         model: An fp32 ONNX ModelProto (weights loaded), changed in place.
         gguf_path: The GGUF file the reference was loaded from.
         accuracy_level: MatMulNBits ``accuracy_level`` of the new nodes.
+        types: The GGUF block types to import (others stay for the algorithm).
 
     Returns:
         Details for the manifest: imported nodes, block types, MatMuls left to the
@@ -217,7 +219,7 @@ def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4) -> dict[
     """
     from onnx import numpy_helper
 
-    bank = RowBank(gguf_path)
+    bank = RowBank(gguf_path, types)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     new_nodes, imported, skipped, types_seen = [], [], [], set()

@@ -67,6 +67,8 @@ class Int4Options(Strict):
             values, so a wrong or unrelated GGUF simply matches nothing).
         gguf_file: The GGUF to import blocks from (relative to the recipe); default: the
             base's ``gguf_file`` when the base was loaded from a GGUF.
+        gguf_types: GGUF block types to import (``Q4_0``, ``Q4_1``, ``Q8_0``); the other
+            tensors go to ``algorithm`` (e.g. leave ``Q8_0`` out for an int4 LM head).
         percdamp: GPTQ dampening (fraction of the mean Hessian diagonal).
         actorder: GPTQ: quantize columns in order of decreasing activation energy.
         calibration_max_length: Tokens per calibration text (GPTQ).
@@ -81,6 +83,8 @@ class Int4Options(Strict):
     embeddings: Literal["fp32", "int4"] = "fp32"
     gguf_blocks: bool = True
     gguf_file: Path | None = None
+    gguf_types: list[Literal["Q4_0", "Q4_1", "Q8_0"]] = Field(
+        default_factory=lambda: ["Q4_0", "Q4_1", "Q8_0"])
     percdamp: float = Field(default=0.01, gt=0)
     actorder: bool = False
     calibration_max_length: int = Field(default=128, gt=1)
