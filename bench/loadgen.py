@@ -44,6 +44,7 @@ class LoadSpec:
             ``min(30, max(5, duration))``). Decode-bound levels let every stream finish.
         model: Chat profile: the ``model`` field sent (vLLM checks it).
         extra_body: Chat profile: fields added to every request body (server options).
+        connections: Open loop: connections per user (None: the locustfile's 256).
     """
 
     mode: Literal["closed", "open"]
@@ -55,6 +56,7 @@ class LoadSpec:
     stop_timeout_s: float | None = None
     model: str | None = None
     extra_body: dict[str, Any] | None = None
+    connections: int | None = None
 
     @property
     def label(self) -> str:
@@ -133,7 +135,8 @@ def run_locust(spec: LoadSpec, host: str, inputs: Path, task: str, work_dir: Pat
     env = {**os.environ, "MODELPRESS_BENCH_INPUTS": str(inputs), "MODELPRESS_BENCH_TASK": task,
            "MODELPRESS_BENCH_MAX_NEW_TOKENS": str(max_new_tokens),
            "MODELPRESS_BENCH_PROFILE": spec.profile, "MODELPRESS_BENCH_MODEL": spec.model or "",
-           "MODELPRESS_BENCH_EXTRA_BODY": json.dumps(spec.extra_body or {})}
+           "MODELPRESS_BENCH_EXTRA_BODY": json.dumps(spec.extra_body or {}),
+           "MODELPRESS_BENCH_CONNECTIONS": str(spec.connections or "")}
     if spec.mode == "open":
         if not spec.rate or spec.rate <= 0:
             raise LoadError(f"open loop needs a positive rate, got {spec.rate}")

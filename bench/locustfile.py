@@ -15,6 +15,9 @@ modelpress; the harness (``bench/run.py``) passes everything through environment
 * ``MODELPRESS_BENCH_MODEL``: chat profile, the ``model`` field (vLLM checks it).
 * ``MODELPRESS_BENCH_EXTRA_BODY``: chat profile, JSON object merged into each request body
   (a server's own options, e.g. vLLM's ``{"ignore_eos": true}``).
+* ``MODELPRESS_BENCH_CONNECTIONS``: open loop, connections each user may hold open (default
+  256). Above it requests wait in the client, so a soak sets it above what the server can
+  hold (running + waiting): the server, not the client, must shed the excess.
 
 User classes (pick one by name on the command line):
 
@@ -47,7 +50,9 @@ the decode-bound throughput, unbiased by the drain after the stop, where fewer s
 Every request also records its outcome (``OUTCOME`` entries, counts only): ``sent``,
 ``200 done`` (stream ended with ``[DONE]``), ``200 lost`` (a 200 whose stream broke off
 or was malformed), ``503`` (deliberate overload answer) and ``error`` (anything else).
-``sent`` minus the others is the number of requests still open when Locust stopped.
+Chat streams still open when Locust kills them at the end of ``--stop-timeout`` record
+``200 cut off`` (a 200 whose stream had started) or ``no answer`` (still waiting for the
+status line); ``sent`` minus all the others is what could not be told apart.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ USER_RATE = float(os.environ.get("MODELPRESS_BENCH_USER_RATE", "1") or 1)
 PROFILE = os.environ.get("MODELPRESS_BENCH_PROFILE", "eval")
 MODEL = os.environ.get("MODELPRESS_BENCH_MODEL") or None
 EXTRA_BODY = json.loads(os.environ.get("MODELPRESS_BENCH_EXTRA_BODY") or "{}")
+CONNECTIONS = int(os.environ.get("MODELPRESS_BENCH_CONNECTIONS") or 256)
 _window = [time.perf_counter(), None]  # [run start, stop]: set by the test events
 
 
@@ -210,13 +216,16 @@ def chat_stream(client, name: str = "/v1/chat/completions [stream]") -> None:
     start = time.perf_counter()
     arrivals: list[float] = []
     usage = None
+    phase = "no answer"  # → "200 cut off" once the stream starts, "" once an outcome is out
     _outcome("sent")
     try:
         with client.post("/v1/chat/completions", json=_chat_body(), name=name, stream=True,
                          catch_response=True) as resp:
             if resp.status_code != 200:
+                phase = ""
                 _failed_status(resp)
                 return
+            phase = "200 cut off"
             done = False
             raw = resp._response
             try:
@@ -235,11 +244,13 @@ def chat_stream(client, name: str = "/v1/chat/completions [stream]") -> None:
                     if any((c.get("delta") or {}).get("content") for c in chunk["choices"]):
                         arrivals.append(time.perf_counter())
             except (ValueError, KeyError, TypeError) as exc:
+                phase = ""
                 resp.failure(f"bad SSE event: {exc!r}")
                 _outcome("200 lost")
                 return
             total_ms = (time.perf_counter() - start) * 1000
             resp.request_meta["response_time"] = total_ms
+            phase = ""
             if not done:
                 resp.failure("stream ended without [DONE]")
                 _outcome("200 lost")
@@ -248,6 +259,8 @@ def chat_stream(client, name: str = "/v1/chat/completions [stream]") -> None:
             tokens = int(usage["completion_tokens"]) if usage else len(arrivals)
             _record_stream(start, arrivals, total_ms, tokens)
     finally:
+        if phase:  # killed by Locust's stop timeout (GreenletExit), or a client error
+            _outcome(phase)
         tokens = int(usage["completion_tokens"]) if usage else len(arrivals)
         _fire("window tokens", 0.0, _window_tokens(arrivals, tokens))
 
@@ -294,7 +307,7 @@ class OpenLoopUser(FastHttpUser):
     """Requests on a fixed arrival schedule, independent of responses (open loop)."""
 
     wait_time = constant(0)
-    concurrency = 256  # connections this user may hold open at once (queued requests)
+    concurrency = CONNECTIONS  # connections this user may hold open at once
 
     @task
     def request(self) -> None:

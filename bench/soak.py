@@ -2,7 +2,7 @@
 
 1. Start the server for the artifact, sampling the RSS of its whole process tree.
 2. Warm up, then measure capacity: ``--streams`` closed-loop chat streams for
-   ``--calibrate`` seconds (completed streams per second).
+   ``--calibrate`` seconds (output tok/s in the window ÷ tokens per stream).
 3. Open loop at ``--overload`` × that capacity for ``--duration`` seconds: requests leave on
    a schedule whether or not earlier ones returned, so the server must shed the excess.
 4. Let every stream in flight finish, stop the server by PID, and judge:
@@ -64,16 +64,20 @@ def rss_growth(samples: list[tuple[float, int]], start: float, end: float,
 def verdicts(level: dict[str, Any], rss: dict[str, Any], max_growth: float) -> dict[str, Any]:
     """Each soak criterion → ``{"ok": bool, "detail": str}``."""
     out = level.get("outcomes") or {}
-    lost, still_open = out.get("200 lost", 0), out.get("open at stop", 0)
+    lost, cut = out.get("200 lost", 0), out.get("200 cut off", 0)
+    unknown, unanswered = out.get("open at stop", 0), out.get("no answer", 0)
     growth = rss.get("growth")
     return {
-        "no 200 lost": {"ok": lost == 0 and still_open == 0,
+        "no 200 lost": {"ok": lost == 0 and cut == 0 and unknown == 0,
                         "detail": f"{out.get('200 done', 0)} streams ended with [DONE], "
-                                  f"{lost} broke off, {still_open} still open at stop"},
-        "excess answered 503": {"ok": out.get("503", 0) > 0 and out.get("error", 0) == 0,
+                                  f"{lost} broke off, {cut} still streaming at the stop "
+                                  f"timeout, {unknown} unaccounted"},
+        "excess answered 503": {"ok": out.get("503", 0) > 0 and out.get("error", 0) == 0
+                                and unanswered == 0,
                                 "detail": f"{out.get('503', 0)} × 503, "
                                           f"{out.get('error', 0)} other errors "
-                                          f"{level.get('errors') or ''}"},
+                                          f"{level.get('errors') or ''}, {unanswered} never "
+                                          "answered by the stop timeout"},
         "RSS growth": {"ok": growth is not None and growth < max_growth,
                        "detail": "not measured" if growth is None else
                        f"{growth * 100:+.2f}% ({rss['settled_bytes'] / 1e6:.0f} → "
@@ -94,16 +98,19 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         results["ready_s"] = server.wait_ready(args.ready_timeout)
         [calib] = run_decode(server.url, [args.streams], args.calibrate, work / "calibrate",
                              args.max_tokens, warmup_s=args.warmup)
-        done = (calib.get("outcomes") or {}).get("200 done", 0)
-        capacity = done / calib["window_s"] if calib.get("window_s") else 0.0
+        # Streams per second inside the window: its tokens over tokens per stream (counting
+        # completed streams would add the ones drained after the window).
+        tokens, per_stream = calib.get("output_tokens_per_s"), calib.get("tokens_per_request")
+        capacity = tokens / per_stream if tokens and per_stream else 0.0
         if capacity <= 0:
             raise ModelpressError(f"calibration completed no stream in {args.calibrate:g} s")
-        rate = args.overload * capacity
+        rate = args.rate or args.overload * capacity
         results["calibration"] = {"streams_per_s": capacity, "rate": rate, "level": calib}
         log.info("capacity %.2f streams/s; open loop at %.2f req/s for %.0f s",
                  capacity, rate, args.duration)
         spec = LoadSpec("open", 1, args.duration, rate=rate, profile="chat",
-                        stop_timeout_s=DRAIN_S, model=served_model(server.url))
+                        stop_timeout_s=DRAIN_S, model=served_model(server.url),
+                        connections=args.connections)
         start = time.monotonic()
         entries = run_locust(spec, server.url, write_prompts(work / "prompts.jsonl"),
                              "text-generation", work / "soak", args.max_tokens)
@@ -129,7 +136,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# soak: {cfg['artifact']}", "",
              f"Capacity {results['calibration']['streams_per_s']:.2f} streams/s "
              f"({cfg['streams']} closed-loop streams, {cfg['calibrate']:g} s); open loop at "
-             f"{results['calibration']['rate']:.2f} req/s ({cfg['overload']:g}×) for "
+             f"{results['calibration']['rate']:.2f} req/s ("
+             f"{results['calibration']['rate'] / results['calibration']['streams_per_s']:.1f}×) "
+             f"for "
              f"{lv.get('window_s') or 0:.0f} s, `max_tokens` {cfg['max_tokens']}.", "",
              f"Outcomes: {lv.get('outcomes')}; output {lv.get('output_tokens_per_s') or 0:.1f}"
              f" tok/s; TTFT p50/p95/p99 {ttft.get('p50')}/{ttft.get('p95')}/{ttft.get('p99')}"
@@ -147,9 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=32, help="calibration streams")
     parser.add_argument("--calibrate", type=float, default=30.0, help="calibration seconds")
     parser.add_argument("--overload", type=float, default=2.0, help="rate ÷ capacity")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="open-loop req/s (default: --overload × measured capacity)")
     parser.add_argument("--max-tokens", type=int, default=DECODE_MAX_TOKENS)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--max-rss-growth", type=float, default=0.05)
+    parser.add_argument("--connections", type=int, default=2048,
+                        help="client connections (above what the server holds: it sheds)")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     parser.add_argument("--serve-option", action="append", default=None,
                         help="extra `modelpress serve` option (repeatable; default "
