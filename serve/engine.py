@@ -250,8 +250,8 @@ class Engine:
                     continue
             now = time.monotonic()
             self.metrics.queue_time.observe(now - head.arrived)
+            self._running.append(head)  # before prefill: a failure there ends it too
             logits = self.lm.prefill(head.id, head.prompt_ids)
-            self._running.append(head)
             self.metrics.prompt_tokens.inc(len(head.prompt_ids))
             self.metrics.running.set(len(self._running))
             self._emit(head, head.sampler(logits), step)
@@ -287,7 +287,10 @@ class Engine:
                 error: EngineRefused | None = None) -> None:
         if seq in self._running:
             self._running.remove(seq)
-            self.lm.free(seq.id)
+            try:
+                self.lm.free(seq.id)
+            except Exception:  # its prefill failed before it had a cache
+                log.debug("no cache to free for sequence %d", seq.id)
             self.metrics.running.set(len(self._running))
         seq.finished = True
         if reason is not None:

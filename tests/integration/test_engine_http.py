@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serve.launcher import start_server
 from serve.runtimes import GenerationParams, load_runtime
-from tests.unit.variant_fixtures import run, write_texts
+from tests.unit.variant_fixtures import build_lm_variants
 
 pytestmark = pytest.mark.integration
 
@@ -34,18 +34,9 @@ def env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def lms(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine-http")
-    write_texts(root / "eval.jsonl", 8, labels=False)
-    out, _ = run(f"""
-name: lm
-task: text-generation
-base: {{path: {tiny["llama"]}}}
-adapters: [{{path: {tiny["llama-lora"]}}}]
-data: {{eval: {{path: eval.jsonl, label: null}}}}
-gates: {{min_agreement: 0.3, max_metric_drop: 1.0}}
-variants:
-  - {{name: onnx-fp32, kind: export}}
-  - {{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}}
-""", root)
+    out = build_lm_variants(tiny, root, [
+        "{name: onnx-fp32, kind: export}",
+        "{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}"])
     return out
 
 
@@ -78,21 +69,24 @@ def _metrics(url: str) -> dict[str, float]:
 def test_concurrent_streams_interleave_and_equal_the_lone_answers(lms, env, fmt):
     offline = load_runtime(lms / fmt)
     # EOS can end the tiny model's answers early: compare against the offline runtime
-    lone = [g.text for g in (offline.generate([p], GenerationParams(max_new_tokens=40))[0]
+    lone = [g.text for g in (offline.generate([p], GenerationParams(max_new_tokens=100))[0]
                              for p in PROMPTS)]
-    with start_server(lms / fmt, env=env, access_log=False, max_new_tokens=64) as server:
+    with start_server(lms / fmt, env=env, access_log=False, max_new_tokens=100) as server:
         async def together():
             async with httpx.AsyncClient(timeout=120) as client:
-                return await asyncio.gather(*(_stream(client, server.url, p, 40)
+                return await asyncio.gather(*(_stream(client, server.url, p, 100)
                                               for p in PROMPTS))
         results = asyncio.run(together())
         metrics = _metrics(server.url)
     assert [r["status"] for r in results] == [200] * len(PROMPTS)
     assert [r["text"] for r in results] == lone
-    long = [r for r in results if len(r["times"]) > 5]
-    assert len(long) >= 2
-    first_end = min(r["times"][-1] for r in long)
-    assert all(r["times"][0] < first_end for r in long)  # all started before any ended
+    # Streams ran side by side: each long one overlapped another in time. (That every
+    # stream starts before any ends is asserted in-process, tests/unit/test_engine.py:
+    # over HTTP the tiny model can finish a stream before the last request has arrived.)
+    spans = [(r["times"][0], r["times"][-1]) for r in results if len(r["times"]) > 5]
+    overlapping = [any(a < d and c < b for c, d in spans if (c, d) != (a, b))
+                   for a, b in spans]
+    assert len(spans) >= 4 and sum(overlapping) >= len(spans) // 2
     assert metrics["modelpress:engine_step_sequences_count"] > 0
     # the engine decoded several streams per step, not one at a time
     assert (metrics["modelpress:engine_step_sequences_sum"]
@@ -110,7 +104,7 @@ def test_queue_deadline_answers_503_before_headers(lms, env):
         metrics = _metrics(server.url)
     refused = [r for r in results if r["status"] != 200]
     assert refused and all(r["status"] == 503 for r in refused)
-    assert all("not scheduled within 0.05 s" in r["body"]["error"] and r["retry"] == "1"
+    assert all("not scheduled within 0.05 s" in r["body"]["error"]["message"] and r["retry"] == "1"
                for r in refused)
     assert any(r["status"] == 200 and r["text"] for r in results)
     assert metrics["modelpress:request_queue_timeout_total"] == len(refused)

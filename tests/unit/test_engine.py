@@ -12,7 +12,7 @@ import pytest
 
 from serve.engine import Engine, EngineConfig, EngineRefused
 from serve.runtimes import GenerationParams, load_runtime
-from tests.unit.variant_fixtures import run, write_texts
+from tests.unit.variant_fixtures import build_lm_variants
 
 FORMATS = ["merge", "onnx-fp32", "genai-fp32", "genai-int4"]
 PROMPT_LENGTHS = (5, 9, 3, 12, 7, 20)
@@ -21,19 +21,10 @@ PROMPT_LENGTHS = (5, 9, 3, 12, 7, 20)
 @pytest.fixture(scope="module")
 def lms(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine-lm")
-    write_texts(root / "eval.jsonl", 8, labels=False)
-    out, _ = run(f"""
-name: lm
-task: text-generation
-base: {{path: {tiny["llama"]}}}
-adapters: [{{path: {tiny["llama-lora"]}}}]
-data: {{eval: {{path: eval.jsonl, label: null}}}}
-gates: {{min_agreement: 0.3, max_metric_drop: 1.0}}
-variants:
-  - {{name: onnx-fp32, kind: export}}
-  - {{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}}
-  - {{name: genai-int4, kind: export, format: onnx-genai, precision: int4, block_size: 16}}
-""", root)
+    out = build_lm_variants(tiny, root, [
+        "{name: onnx-fp32, kind: export}",
+        "{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}",
+        "{name: genai-int4, kind: export, format: onnx-genai, precision: int4, block_size: 16}"])
     return {name: load_runtime(out / name) for name in FORMATS}
 
 
@@ -128,29 +119,6 @@ def test_engine_batched_greedy_equals_alone_and_streams_interleave(lms, fmt):
     assert all(t[2][0] < first_done for t in together)  # every stream started before any ended
 
 
-def test_abort_frees_the_slot_within_one_step(lms):
-    runtime = lms["genai-fp32"]
-    long = GenerationParams(max_new_tokens=100)
-
-    async def main():
-        engine = _engine(runtime, max_running=1)
-        try:
-            first = engine.submit(_prompts(82)[0], long)
-            await first.queue.get()  # it runs
-            waiting = engine.submit(_prompts(82)[1], GenerationParams(max_new_tokens=5))
-            engine.abort(first)
-            tokens, reason, _ = await _collect(waiting)  # admitted only once the slot is free
-            late = first.queue.qsize()
-        finally:
-            engine.close()
-        return tokens, reason, late, first.generated
-
-    tokens, reason, late, generated = asyncio.run(main())
-    assert len(tokens) == 5 and reason == "length"
-    assert generated < 100  # stopped long before its end
-    assert late <= 2  # at most the step already under way when it was aborted
-
-
 class _SlowLM:
     """A real step LM whose steps take 50 ms, to hold the one slot while others queue."""
 
@@ -166,6 +134,27 @@ class _SlowLM:
 
     def free(self, slot):
         self.lm.free(slot)
+
+
+def test_abort_frees_the_slot_within_one_step(lms):
+    runtime = lms["genai-fp32"]
+
+    async def main():
+        engine = Engine(_SlowLM(runtime.step_lm()), set(), EngineConfig(max_running=1))
+        try:
+            first = engine.submit(_prompts(82)[0], GenerationParams(max_new_tokens=100))
+            await first.queue.get()  # it runs
+            waiting = engine.submit(_prompts(82)[1], GenerationParams(max_new_tokens=5))
+            engine.abort(first)
+            at_abort = first.generated
+            tokens, reason, _ = await _collect(waiting)  # admitted only once the slot is free
+        finally:
+            engine.close()
+        return tokens, reason, first.generated - at_abort
+
+    tokens, reason, after_abort = asyncio.run(main())
+    assert len(tokens) == 5 and reason == "length"
+    assert after_abort <= 1  # at most the step already under way when it was aborted
 
 
 def test_queue_deadline_refuses_with_503_and_the_fifo_head_is_served(lms):

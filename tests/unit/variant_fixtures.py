@@ -31,3 +31,20 @@ def run(recipe_text: str, root: Path):
     out = root / "out"
     records = run_recipe(load_recipe(recipe), out)
     return out, {r.name: r for r in records}
+
+
+def build_lm_variants(tiny: dict[str, Path], root: Path, variants: list[str]) -> Path:
+    """The tiny Llama + LoRA merged (``merge``, torch fp32) and the given variant lines
+    (YAML flow mappings) built under ``root``; returns the artifacts folder."""
+    write_texts(root / "eval.jsonl", 8, labels=False)
+    lines = "".join(f"  - {v}\n" for v in variants)
+    out, _ = run(f"""
+name: lm
+task: text-generation
+base: {{path: {tiny["llama"]}}}
+adapters: [{{path: {tiny["llama-lora"]}}}]
+data: {{eval: {{path: eval.jsonl, label: null}}}}
+gates: {{min_agreement: 0.3, max_metric_drop: 1.0}}
+variants:
+{lines}""", root)
+    return out
