@@ -131,16 +131,38 @@ class MicroBatcher(Generic[Item, Result]):
                 if len(results) != len(flat):
                     raise RuntimeError(f"{self.name}: {len(results)} results for "
                                        f"{len(flat)} items")
-            except Exception as exc:  # every request of the batch gets the error
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
+            except Exception as exc:
+                if len(batch) == 1:
+                    if not batch[0].future.done():
+                        batch[0].future.set_exception(exc)
+                else:  # one request's failure must not fail the others: rerun each alone
+                    log.warning("%s: a batch of %d requests failed (%s); running each alone",
+                                self.name, len(batch), exc)
+                    for p in batch:
+                        await self._run_alone(p)
                 continue
             start = 0
             for p in batch:
                 if not p.future.done():
                     p.future.set_result(list(results[start:start + len(p.items)]))
                 start += len(p.items)
+
+    async def _run_alone(self, pending: _Pending[Item, Result]) -> None:
+        if pending.future.done():
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self.run,
+                                                 list(pending.items))
+            if len(results) != len(pending.items):
+                raise RuntimeError(f"{self.name}: {len(results)} results for "
+                                   f"{len(pending.items)} items")
+        except Exception as exc:
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+            return
+        if not pending.future.done():
+            pending.future.set_result(list(results))
 
     def close(self) -> None:
         """Stop the batching task and the worker thread (queued requests are cancelled)."""

@@ -1,13 +1,14 @@
 """The public HTTP surface of the service: ``/classify``, ``/generate``, ``/metadata``.
 
-The routes form a Starlette app mounted on the BentoML service. They validate requests
-themselves (strict parsing, limits, task check → 4xx ``{"error": ...}`` naming the field),
+The routes form a Starlette app mounted on the BentoML service. Each reads its body under
+a deadline (408) and a size cap (413) before it takes a concurrency slot (429), then
+validates it once (strict parsing, bounds on every number, task check → 4xx with
+OpenAI's error object naming the field, :mod:`serve.http_errors`),
 then hand the model work to a :class:`serve.batcher.MicroBatcher` on this event loop
 (``/classify``: every request that queued while the model ran becomes the next batch, one
 thread hop per batch), whose batch sizes show up in ``/metrics`` as
-``bentoml_service_adaptive_batch_size``. Names without a batcher go through the service's
-public in-process client (``service.to_async``). Nothing here reaches into BentoML's
-internals.
+``bentoml_service_adaptive_batch_size``. The batch function is not a BentoML API: no
+unchecked internal route exists. Nothing here reaches into BentoML's internals.
 
 Generation (``/generate`` here, ``/v1/*`` in :mod:`serve.openai_api`) submits each
 prompt to the worker's :class:`serve.engine.Engine` and waits for admission before any
@@ -27,12 +28,13 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from serve.batcher import MicroBatcher, Overloaded
 from serve.completion import Completion, refused
 from serve.engine import EngineRefused
+from serve.http_errors import error_response
 from serve.runtimes import GenerationParams, UnsupportedRequest
 from serve.schemas import (
     ClassifyRequest,
@@ -88,36 +90,23 @@ class Backend:
         Raises:
             RequestError: A bad body (400/413/422 naming the field) or the wrong task.
         """
-        body = parse_body(schema, await read_body(request, self.limits), self.limits)
+        raw = request.state.body if hasattr(request.state, "body") else (
+            await read_body(request, self.limits))
+        body = parse_body(schema, raw, self.limits)
         self.require_task(endpoint, task, alternative)
         return body
 
     async def call(self, name: str, **kwargs: Any) -> Any:
-        """Run the batch API ``name`` of this service; map its failures to HTTP codes.
-
-        With a micro-batcher for ``name`` (one keyword argument: this request's items) the
-        request joins the next batch; otherwise it goes through BentoML's in-process client.
-        """
-        from bentoml.exceptions import BentoMLException
-
+        """Run this request's items (one keyword argument) in the next batch of the
+        micro-batcher ``name``; map its failures to HTTP codes."""
         try:
-            if name in self.batchers:
-                [items] = kwargs.values()
-                return await self.batchers[name].submit(items)
-            return await getattr(self.service.to_async, name)(**kwargs)
+            [items] = kwargs.values()
+            return await self.batchers[name].submit(items)
         except UnsupportedRequest as exc:
             raise RequestError(str(exc)) from None
         except Overloaded:
             raise RequestError("server overloaded: the request could not be scheduled "
                                "within max_latency_ms; retry later", 503) from None
-        except BentoMLException as exc:
-            status = int(getattr(exc, "error_code", 500))
-            if status in (429, 503):
-                raise RequestError("server overloaded: the request could not be scheduled "
-                                   "within max_latency_ms; retry later", 503) from None
-            log.error("%s failed: %s", name, exc)
-            raise RequestError("internal error while running the model; see the server "
-                               "log", 500) from None
 
     async def run_locked(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a runtime call in a thread, serialised with the batch calls."""
@@ -134,7 +123,8 @@ class Backend:
                 sent, or 400 (does not fit).
         """
         engine = self.service.engine
-        ids = await self.run_locked(self.encode, item.prompt)
+        ids = (item.prompt_ids if item.prompt_ids is not None
+               else await self.run_locked(self.encode, item.prompt))
         try:
             seq = engine.submit(ids, to_params(item))
         except EngineRefused as exc:
@@ -186,20 +176,32 @@ class Backend:
         return response
 
 
+# Below this temperature sampling is greedy (as vLLM's _SAMPLING_EPS): dividing logits
+# by a subnormal temperature overflows to inf - inf = NaN probabilities.
+MIN_TEMPERATURE = 1e-5
+
+
 def to_params(item: GenerateItem) -> GenerationParams:
     """Decoding settings of a queued item."""
-    return GenerationParams(max_new_tokens=item.max_new_tokens, temperature=item.temperature,
+    temperature = 0.0 if item.temperature < MIN_TEMPERATURE else item.temperature
+    return GenerationParams(max_new_tokens=item.max_new_tokens, temperature=temperature,
                             top_p=item.top_p, stop=list(item.stop), seed=item.seed)
 
 
-def error_response(message: str, status: int) -> JSONResponse:
-    """The 4xx/5xx body every route answers: ``{"error": message}``."""
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
 async def read_body(request: Request, limits: Limits) -> bytes:
-    """Read the body, stopping early (413) once it passes ``max_body_bytes``."""
+    """Read the body within ``body_timeout_s`` (408), stopping early (413) once it passes
+    ``max_body_bytes``."""
+    try:
+        with anyio.fail_after(limits.body_timeout_s):
+            return await _read_capped(request, limits)
+    except TimeoutError:
+        raise RequestError(f"body: not received within body_timeout_s "
+                           f"({limits.body_timeout_s:g} s)", 408) from None
+    except ClientDisconnect:  # nobody reads the answer; it only must not be a 500
+        raise RequestError("body: the client disconnected while sending it") from None
+
+
+async def _read_capped(request: Request, limits: Limits) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise RequestError(f"body: {declared} bytes, more than the limit of "
@@ -215,14 +217,21 @@ async def read_body(request: Request, limits: Limits) -> bytes:
 
 
 def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]:
-    """Wrap a route: concurrency cap (429), RequestError → 4xx, crash → 500, never down.
+    """Wrap a route: body read first (408/413), then the concurrency cap (429),
+    RequestError → 4xx, crash → 500, never down.
 
-    A streaming response keeps its slot until the stream ends or its client goes.
+    A slow or huge upload never holds a slot. A streaming response keeps its slot until
+    the stream ends or its client goes.
     """
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def route(request: Request) -> Response:
             backend = get_backend()
+            if request.method == "POST":
+                try:
+                    request.state.body = await read_body(request, backend.limits)
+                except RequestError as exc:
+                    return error_response(str(exc), exc.status, exc.param, exc.code)
             if backend.in_flight >= backend.cap:
                 return error_response(f"too many requests in flight ({backend.cap}, "
                                       "max_concurrency); retry later", 429)
@@ -235,7 +244,7 @@ def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]
                     response.on_close.append(backend.release_slot)
                 return response
             except RequestError as exc:
-                return error_response(str(exc), exc.status)
+                return error_response(str(exc), exc.status, exc.param, exc.code)
             except Exception:
                 log.exception("unexpected error in %s", request.url.path)
                 return error_response("internal error; see the server log", 500)
@@ -244,6 +253,19 @@ def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]
                     backend.release_slot()
         return route
     return wrap
+
+
+def without_paths(value: Any) -> Any:
+    """``value`` with every absolute file path cut to its last part (no server layout
+    in public answers: manifests record where adapters and data were)."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~")) or (
+            len(value) > 2 and value[1] == ":" and value[2] in "\\/")):
+        return value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return value
 
 
 def build_routes(get_backend: Callable[[], Backend]) -> list:
@@ -291,7 +313,7 @@ def build_routes(get_backend: Callable[[], Backend]) -> list:
             results=[GenerateResult(**r) for r in rows]).model_dump())
 
     async def metadata(request: Request) -> Response:
-        return JSONResponse(get_backend().service.metadata())
+        return JSONResponse(without_paths(get_backend().service.metadata()))
 
     return [Route("/classify", classify, methods=["POST"]),
             Route("/generate", generate, methods=["POST"]),

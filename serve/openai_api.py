@@ -4,57 +4,96 @@
 Every request runs on the generation engine, as ``/generate``'s do (usage and
 ``finish_reason`` are its token counts); ``stream: true`` answers server-sent events in
 OpenAI's chunk format and ends with ``data: [DONE]``. Chat messages are rendered with the
-model's chat template. Fields OpenAI defines that this server cannot honour (``n > 1``,
-``logprobs``, penalties) get a 400 naming the field rather than being ignored silently.
+model's chat template (:mod:`serve.chat`: ``developer``/``tool`` roles, text content
+parts, special-token strings kept as text); a conversation over ``max_input_tokens`` or
+the model's context is a 400 naming ``messages`` (never cut). As vLLM's server: unknown
+fields are ignored with a logged warning, ``null`` means the default, errors are OpenAI's
+error object. Fields this server cannot honour (``n > 1``, ``logprobs``, penalties,
+``logit_bias``, tools, a ``response_format`` other than text) get a 400 naming the field
+rather than being ignored silently.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from serve.chat import ChatMessage, chat_prompt_ids, plain_messages
 from serve.http_api import Backend, endpoint
 from serve.schemas import (
+    INT64_MAX,
     GenerateItem,
     RequestError,
     check_max_new_tokens,
     check_texts,
 )
 from serve.sse import sse
-from serve.token_limits import check_room, context_length, fit_tokens, prompt_room
+from serve.token_limits import check_room, check_room_count, context_length, fit_tokens
+
+log = logging.getLogger(__name__)
+
+INT64_MIN = -(2**63)
 
 
-class _OpenAIParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class _Lenient(BaseModel):
+    """Unknown fields are kept aside (``model_extra``), logged and ignored, as vLLM does."""
 
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Lenient):
+    """``stream_options``."""
+
+    include_usage: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    """``response_format``: only ``{"type": "text"}`` is honoured."""
+
+    type: str
+
+
+class _OpenAIParams(_Lenient):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
-    stream: bool = False
-    stream_options: dict[str, bool] | None = None
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=INT64_MAX)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: Any = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
 
-    def check(self) -> None:
-        """Refuse what this server does not implement (400 naming the field)."""
-        if self.n != 1:
-            raise RequestError("n: only n=1 is supported")
-        if self.presence_penalty or self.frequency_penalty:
-            raise RequestError("presence_penalty/frequency_penalty: not supported (use 0)")
-        if self.logprobs not in (None, False, 0):
-            raise RequestError("logprobs: not supported")
+    def check(self, path: str) -> None:
+        """Refuse what this server cannot honour (400 naming the field); log ignored
+        unknown fields."""
+        if self.model_extra:
+            log.warning("%s: ignored unknown fields: %s", path,
+                        ", ".join(sorted(self.model_extra)))
+        if self.n not in (None, 1):
+            raise RequestError("n: only n=1 is supported", code="unsupported_value")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise RequestError(f"{name}: not supported (use 0 or null)",
+                                   code="unsupported_parameter")
+        if self.logit_bias:
+            raise RequestError("logit_bias: not supported (use {} or null)",
+                               code="unsupported_parameter")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise RequestError(f"response_format.type: only 'text' is supported, got "
+                               f"'{self.response_format.type}'", code="unsupported_value")
 
     def stops(self) -> list[str]:
         """``stop`` as a list."""
@@ -65,63 +104,69 @@ class _OpenAIParams(BaseModel):
             raise RequestError("stop: at most 8 stop sequences")
         return stops
 
+    def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
 
 class CompletionRequest(_OpenAIParams):
     """``POST /v1/completions``."""
 
     prompt: str | list[str]
-    echo: bool = False
+    echo: bool | None = None
     suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
+    best_of: int | None = Field(None, ge=1, le=INT64_MAX)
 
-
-class ChatMessage(BaseModel):
-    """One chat message."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
+    def check(self, path: str) -> None:
+        """See :meth:`_OpenAIParams.check`; also ``echo``, ``suffix``, ``logprobs``."""
+        super().check(path)
+        if self.logprobs:
+            raise RequestError("logprobs: not supported", code="unsupported_parameter")
+        if self.echo or self.suffix:
+            raise RequestError(f"{'echo' if self.echo else 'suffix'}: not supported",
+                               code="unsupported_parameter")
+        if self.best_of not in (None, 1):
+            raise RequestError("best_of: only best_of=1 is supported",
+                               code="unsupported_value")
 
 
 class ChatRequest(_OpenAIParams):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
-
-def render_chat(runtime: Any, messages: list[ChatMessage]) -> str:
-    """Apply the model's chat template (generation prompt added).
-
-    Uses ``runtime.apply_chat_template`` if the runtime has one, else its transformers
-    tokenizer's template, else a plain ``role: content`` transcript.
-    """
-    msgs = [{"role": m.role, "content": m.content} for m in messages]
-    if callable(fn := getattr(runtime, "apply_chat_template", None)):
-        return fn(msgs)
-    tok = getattr(runtime, "tokenizer", None)
-    if tok is not None and getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+    def check(self, path: str) -> None:
+        """See :meth:`_OpenAIParams.check`; also logprobs and tools."""
+        super().check(path)
+        if self.logprobs or self.top_logprobs:
+            raise RequestError(f"{'logprobs' if self.logprobs else 'top_logprobs'}: not "
+                               "supported", code="unsupported_parameter")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise RequestError(f"{name}: tool calling is not supported",
+                                   code="unsupported_parameter")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                raise RequestError(f"{name}: tool calling is not supported",
+                                   code="unsupported_parameter")
 
 
 def _item(backend: Backend, prompt: str, req: _OpenAIParams, max_tokens: int,
-          field: str = "max_tokens") -> GenerateItem:
+          field: str = "max_tokens", prompt_ids: list[int] | None = None) -> GenerateItem:
     check_max_new_tokens(field, max_tokens, backend.limits)
-    return GenerateItem(prompt=prompt, max_new_tokens=max_tokens, temperature=req.temperature,
-                        top_p=req.top_p, stop=req.stops(), seed=req.seed)
-
-
-async def _default_max_tokens(backend: Backend, prompt: str) -> int:
-    """The server's cap, or the room the prompt leaves in the context if that is less."""
-    cap = backend.limits.max_new_tokens
-    room = await prompt_room(backend, prompt)
-    if room is not None and room < 1:
-        context = context_length(backend.runtime)
-        raise RequestError(f"messages: {context - room} tokens fill the model's context of "
-                           f"{context} tokens; shorten the conversation")
-    return cap if room is None else min(cap, room)
+    seed = None if req.seed is None else req.seed % 2**63  # the sampler wants >= 0
+    return GenerateItem(prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_tokens,
+                        temperature=1.0 if req.temperature is None else req.temperature,
+                        top_p=1.0 if req.top_p is None else req.top_p,
+                        stop=req.stops(), seed=seed)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -160,9 +205,7 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
         backend = get_backend()
         req = await backend.parse(request, CompletionRequest, "/v1/completions",
                                   "text-generation", "/classify")
-        req.check()
-        if req.echo or req.suffix:
-            raise RequestError("echo/suffix: not supported")
+        req.check("/v1/completions")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         check_texts("prompt", prompts, backend.limits)
         prompts = await fit_tokens(backend, "prompt", prompts, keep="tail")
@@ -180,8 +223,8 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
                                              "finish_reason": reason}]
                 return {"id": ident, "object": "text_completion", "created": created,
                         "model": name, "choices": choices, "usage": usage}
-            include = bool((req.stream_options or {}).get("include_usage"))
-            return await backend.stream_response(items[0], _final_chunks(chunk, include))
+            return await backend.stream_response(items[0],
+                                                 _final_chunks(chunk, req.include_usage()))
         rows = await backend.generate(items)
         choices = [{"index": i, "text": r["text"], "logprobs": None,
                     "finish_reason": r["finish_reason"]} for i, r in enumerate(rows)]
@@ -195,19 +238,26 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
         backend = get_backend()
         req = await backend.parse(request, ChatRequest, "/v1/chat/completions",
                                   "text-generation", "/classify")
-        req.check()
-        if not req.messages:
-            raise RequestError("messages: must contain at least one message")
-        check_texts("messages.content", [m.content or " " for m in req.messages],
-                    backend.limits)
-        prompt = await backend.run_locked(render_chat, backend.runtime, req.messages)
-        [prompt] = await fit_tokens(backend, "messages", [prompt], keep="tail")
+        req.check("/v1/chat/completions")
+        messages = plain_messages(req.messages, backend.limits.max_text_chars)
+        ids = await backend.run_locked(chat_prompt_ids, backend.runtime.tokenizer, messages)
+        n, limits = len(ids), backend.limits
+        if n > limits.max_input_tokens:  # as OpenAI: refused, never cut
+            raise RequestError(f"messages: {n} tokens (chat template included), more than "
+                               f"the limit of {limits.max_input_tokens} (max_input_tokens); "
+                               "shorten the conversation", code="context_length_exceeded")
+        context = context_length(backend.runtime)
         field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         asked = req.max_completion_tokens or req.max_tokens
         if asked is None:  # as OpenAI: as long as the context allows (within the cap)
-            asked = await _default_max_tokens(backend, prompt)
-        item = _item(backend, prompt, req, asked, field)
-        await check_room(backend, field, "messages", [prompt], asked, listed=False)
+            if context and context - n < 1:
+                raise RequestError(f"messages: {n} tokens fill the model's context of "
+                                   f"{context} tokens; shorten the conversation",
+                                   code="context_length_exceeded")
+            asked = min(limits.max_new_tokens, context - n) if context else (
+                limits.max_new_tokens)
+        item = _item(backend, "", req, asked, field, prompt_ids=ids)
+        check_room_count(context, field, "messages", n, asked)
         ident, created, name = (f"chatcmpl-{uuid.uuid4().hex}", int(time.time()),
                                 model_name(backend))
         if req.stream:
@@ -223,8 +273,8 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
                                              "finish_reason": reason}]
                 return {"id": ident, "object": "chat.completion.chunk", "created": created,
                         "model": name, "choices": choices, "usage": usage}
-            include = bool((req.stream_options or {}).get("include_usage"))
-            return await backend.stream_response(item, _final_chunks(chunk, include))
+            return await backend.stream_response(item, _final_chunks(chunk,
+                                                                     req.include_usage()))
         [row] = await backend.generate([item])
         return JSONResponse({
             "id": ident, "object": "chat.completion", "created": created, "model": name,

@@ -3,7 +3,8 @@
 Every request body goes through :func:`parse_body`: bytes → UTF-8 → JSON → a pydantic
 model with ``extra="forbid"``; any failure becomes a :class:`RequestError` whose message
 names the offending field (``texts[2]: must not be empty``), answered as a 4xx JSON body
-``{"error": message}``. Limits come from ``MODELPRESS_*`` environment variables (set by
+``{"error": {"message", "type", "param", "code"}}`` (OpenAI's error object, see
+:mod:`serve.http_errors`). Limits come from ``MODELPRESS_*`` environment variables (set by
 ``modelpress serve``) so the same service also starts with plain ``bentoml serve``.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,12 +24,33 @@ M = TypeVar("M", bound=BaseModel)
 ENV_PREFIX = "MODELPRESS_"
 
 
-class RequestError(ModelpressError):
-    """A request the server refuses, with the HTTP status to answer."""
+INT64_MAX = 2**63 - 1
 
-    def __init__(self, message: str, status: int = 400) -> None:
+
+class RequestError(ModelpressError):
+    """A request the server refuses, with the HTTP status to answer.
+
+    Args:
+        message: For a person; starts with the offending field (``texts[2]: ...``).
+        status: HTTP status.
+        param: The field, for OpenAI's ``error.param`` (default: the message's prefix
+            before ``": "`` when it names a field).
+        code: OpenAI's ``error.code`` (default: one per status).
+    """
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.param = param if param is not None else _param_of(message)
+        self.code = code
+
+
+def _param_of(message: str) -> str | None:
+    head, sep, _ = message.partition(": ")
+    if sep and head != "body" and re.fullmatch(r"[A-Za-z_][\w.\[\]/]*", head):
+        return head
+    return None
 
 
 class Limits(BaseModel):
@@ -41,6 +64,8 @@ class Limits(BaseModel):
             head of a text to classify, the tail of a prompt) or ``reject`` (413).
         max_new_tokens: Upper bound on ``max_new_tokens`` / ``max_tokens``.
         max_body_bytes: Request body size.
+        body_timeout_s: Longest time to receive a request body (408 past it); the body
+            is read before the request takes a concurrency slot.
         max_concurrency: Requests in flight per server (queued + running); more get 429.
     """
 
@@ -52,6 +77,7 @@ class Limits(BaseModel):
     long_input: Literal["truncate", "reject"] = "truncate"
     max_new_tokens: int = Field(256, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1)
+    body_timeout_s: float = Field(30.0, gt=0)
     max_concurrency: int = Field(64, ge=1)
 
 
@@ -71,6 +97,8 @@ class ServeSettings(BaseModel):
         max_kv_tokens: Generation: budget of prompt + max new tokens over running sequences.
         max_waiting: Generation: requests queued for admission before 503s.
         queue_timeout_s: Generation: longest wait for admission (503 with Retry-After).
+        api_key: When set, every route but the health checks and ``/metrics`` needs
+            ``Authorization: Bearer <api_key>`` (``MODELPRESS_API_KEY``).
         limits: Per-request caps.
     """
 
@@ -86,8 +114,9 @@ class ServeSettings(BaseModel):
     access_log: bool = True
     max_running: int = Field(32, ge=1, le=1024)
     max_kv_tokens: int = Field(65_536, ge=1)
-    max_waiting: int = Field(256, ge=0)
+    max_waiting: int = Field(256, ge=1)
     queue_timeout_s: float = Field(30.0, gt=0)
+    api_key: str = Field("", repr=False)
     limits: Limits = Field(default_factory=Limits)
 
     @classmethod
@@ -148,18 +177,23 @@ class GenerateRequest(_Strict):
     """``POST /generate``; ``stream`` needs exactly one prompt."""
 
     prompts: list[str]
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, le=INT64_MAX)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, max_length=8)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=INT64_MAX)
     stream: bool = False
 
 
 class GenerateItem(BaseModel):
-    """One prompt with its decoding settings, the unit the batcher queues."""
+    """One prompt with its decoding settings, the unit the engine runs.
+
+    ``prompt_ids``: the prompt's token ids when the route tokenized it itself (chat);
+    otherwise the prompt is tokenized as the model sees it (special tokens included).
+    """
 
     prompt: str
+    prompt_ids: list[int] | None = None
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
@@ -197,8 +231,18 @@ def field_name(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _is_type_tag(part: Any) -> bool:
+    """Whether a pydantic error location part names a union member's type (``str``,
+    ``list[str]``, a model class), not a field: field names here are lower case."""
+    return isinstance(part, str) and (
+        "[" in part or part in _TYPE_TAGS or part[:1].isupper() or "-" in part)
+
+
 def _describe(err: dict[str, Any]) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    loc = tuple(p for p in err["loc"] if not _is_type_tag(p))
     if err["type"] == "extra_forbidden":
         return f"{field_name(loc)}: unknown field"
     if err["type"] == "missing":
@@ -227,6 +271,10 @@ def parse_body(model: type[M], raw: bytes, limits: Limits) -> M:
     except json.JSONDecodeError as exc:
         raise RequestError(f"body: malformed JSON ({exc.msg} at line {exc.lineno} "
                            f"column {exc.colno})") from None
+    except RecursionError:
+        raise RequestError("body: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of over 4,300 digits
+        raise RequestError(f"body: invalid JSON ({' '.join(str(exc).split())[:200]})") from None
     if not isinstance(data, dict):
         raise RequestError(f"body: expected a JSON object, got {type(data).__name__}")
     try:

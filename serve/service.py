@@ -17,7 +17,12 @@ event loop, which runs everything queued while the model was busy as one call of
 (requests per batch) appear in ``/metrics`` as ``bentoml_service_adaptive_batch_size``.
 Generation routes submit each prompt to the worker's :class:`serve.engine.Engine`
 (continuous batching; its ``modelpress:*`` metrics appear in ``/metrics`` too).
-BentoML's ``/readyz``, ``/livez`` and ``/metrics`` stay as they are.
+BentoML's ``/readyz``, ``/livez`` and ``/metrics`` stay as they are. The batch function
+is a plain method, not a BentoML API: no internal route skips the routes' checks.
+``GET /openapi.json`` describes the public routes (:mod:`serve.openapi`); errors on every
+route are OpenAI's error object (:mod:`serve.http_errors`). With an API key
+(``MODELPRESS_API_KEY``) every route but the health checks and ``/metrics`` needs it
+(:mod:`serve.auth`).
 
 This module imports no deep-learning framework: the runtime chosen by
 :func:`serve.runtimes.load_runtime` imports its own when the service starts.
@@ -35,11 +40,14 @@ import bentoml
 
 from serve.artifact import load_artifact
 from serve.asgi import DirectRoutesApp
+from serve.auth import ApiKeyMiddleware
 from serve.batcher import MicroBatcher, batch_size_observer
 from serve.engine import Engine, EngineConfig
 from serve.errors import ModelpressError
 from serve.http_api import Backend, build_routes
+from serve.http_errors import EXCEPTION_HANDLERS, fallback_routes
 from serve.openai_api import build_openai_routes
+from serve.openapi import openapi_schema
 from serve.runtimes import load_runtime
 from serve.schemas import ServeSettings
 
@@ -98,8 +106,23 @@ def _backend() -> Backend:
     return _STATE.backend
 
 
-http_app = DirectRoutesApp([*build_routes(_backend), *build_openai_routes(_backend)],
-                          direct=["/classify"])
+def _schema_route() -> Any:
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    cache: dict[str, Any] = {}
+
+    async def schema(request: Any) -> Any:
+        if "doc" not in cache:
+            cache["doc"] = openapi_schema(title=f"modelpress: {_backend().runtime.manifest.name}",
+                                          api_key=bool(SETTINGS.api_key))
+        return JSONResponse(cache["doc"])
+    return Route("/openapi.json", schema, methods=["GET"])
+
+
+_ROUTES = [*build_routes(_backend), *build_openai_routes(_backend), _schema_route()]
+http_app = DirectRoutesApp([*_ROUTES, *fallback_routes(["/v1", "/_batch"], _ROUTES)],
+                          direct=["/classify"], exception_handlers=EXCEPTION_HANDLERS)
 
 
 @bentoml.service(
@@ -156,10 +179,14 @@ class Modelpress:
                                        if self.engine is not None else None),
                             "limits": SETTINGS.limits.model_dump()}}
 
-    # Not batchable for BentoML: /classify batches on its own micro-batcher.
-    @bentoml.api(route="/_batch/classify")
+    # Not a BentoML API (no route): /classify validates, then batches on its own
+    # micro-batcher, which calls this method directly.
     def classify_batch(self, texts: list[str]) -> list[dict[str, Any]]:
         """Internal: classify the texts of one micro-batch (tokenization included)."""
         with self.lock:
             results = self.runtime.classify(texts)
         return [{"label": r.label, "score": r.score, "scores": r.scores} for r in results]
+
+
+if SETTINGS.api_key:
+    Modelpress.add_asgi_middleware(ApiKeyMiddleware, api_key=SETTINGS.api_key)

@@ -18,6 +18,8 @@ import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from serve.http_errors import error_body
+
 log = logging.getLogger(__name__)
 
 
@@ -29,14 +31,14 @@ def sse(payload: Any) -> str:
 
 async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
     """Pass events through (closing ``events`` when closed); a failure mid-stream becomes
-    a final error event."""
+    a final event holding OpenAI's error object (as vLLM sends)."""
     try:
         async with aclosing(events):
             async for event in events:
                 yield event
     except Exception as exc:
         log.exception("stream failed")
-        yield sse({"error": f"stream failed: {type(exc).__name__}"})
+        yield sse(error_body(f"stream failed: {type(exc).__name__}", 500))
 
 
 class EventStreamResponse(StreamingResponse):

@@ -87,16 +87,31 @@ async def check_room(backend: Backend, field: str, prompts_field: str, prompts: 
     context = context_length(backend.runtime)
     if not context:
         return
-    if max_new_tokens >= context:
-        raise RequestError(f"{field}: {max_new_tokens} leaves no room for the prompt in the "
-                           f"model's context of {context} tokens")
+    check_room_count(context, field, prompts_field, 0, max_new_tokens)
     for i, prompt in enumerate(prompts):
         # a token spans at least one UTF-8 byte, a SentencePiece word marker aside
         if 2 * len(prompt.encode("utf-8")) + _SPECIALS + max_new_tokens <= context:
             continue
         n = await backend.run_locked(backend.runtime.count_tokens, prompt)
-        if n + max_new_tokens > context:
-            name = f"{prompts_field}[{i}]" if listed else prompts_field
-            raise RequestError(f"{field}: {max_new_tokens} plus the {n} tokens of {name} "
-                               f"exceed the model's context of {context} tokens; lower "
-                               f"{field} or shorten the prompt")
+        check_room_count(context, field, f"{prompts_field}[{i}]" if listed else prompts_field,
+                         n, max_new_tokens)
+
+
+def check_room_count(context: int | None, field: str, prompt_name: str, n: int,
+                     max_new_tokens: int) -> None:
+    """Refuse ``max_new_tokens`` that, after a prompt of ``n`` tokens, do not fit in
+    ``context`` (None: unknown, nothing checked).
+
+    Raises:
+        RequestError: 400 naming ``field`` (code ``context_length_exceeded``).
+    """
+    if not context:
+        return
+    if max_new_tokens >= context:
+        raise RequestError(f"{field}: {max_new_tokens} leaves no room for the prompt in the "
+                           f"model's context of {context} tokens",
+                           code="context_length_exceeded")
+    if n + max_new_tokens > context:
+        raise RequestError(f"{field}: {max_new_tokens} plus the {n} tokens of {prompt_name} "
+                           f"exceed the model's context of {context} tokens; lower "
+                           f"{field} or shorten the prompt", code="context_length_exceeded")

@@ -42,6 +42,11 @@ def command(
         help="Generation: longest wait for admission (503 with Retry-After).")] = 30.0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    api_key: Annotated[str, typer.Option(
+        envvar="MODELPRESS_API_KEY", show_default=False,
+        help="Require 'Authorization: Bearer KEY' on every route but /readyz, /livez, "
+             "/healthz and /metrics (prefer the environment variable: a command line is "
+             "visible to other users).")] = "",
 ) -> None:
     """Serve an artifact over HTTP (BentoML, adaptive batching) until Ctrl+C / SIGTERM."""
     from pydantic import ValidationError
@@ -58,7 +63,7 @@ def command(
             artifact=str(artifact.resolve()), device=device, batching=not no_batching,
             max_batch_size=max_batch_size, max_latency_ms=max_latency_ms, workers=workers,
             access_log=access_log, max_running=max_running, max_kv_tokens=max_kv_tokens,
-            max_waiting=max_waiting, queue_timeout_s=queue_timeout_s,
+            max_waiting=max_waiting, queue_timeout_s=queue_timeout_s, api_key=api_key,
             limits=Limits(max_items=max_items, max_input_tokens=max_input_tokens,
                           long_input=long_input, max_new_tokens=max_new_tokens,
                           max_concurrency=max_concurrency))
@@ -79,7 +84,8 @@ def command(
         batching = (f"adaptive batching max_batch_size={max_batch_size} "
                     f"max_latency_ms={max_latency_ms}" if not no_batching else "no batching")
         console.print(f"serving {manifest.name} ({manifest.task}, {manifest.format}/"
-                      f"{manifest.precision}) at http://{host}:{port} — {batching}, "
+                      f"{manifest.precision}) at http://{host}:{port} — {batching}"
+                      f"{', API key required' if api_key else ''}, "
                       f"pid {process.pid}; Ctrl+C to stop", highlight=False)
         while process.poll() is None:
             time.sleep(0.2)
