@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
 .PHONY: setup test test-gpu lint demo tiny-demo tiny bench bench-offline clean peers-venv \
-	bench-smollm2 bench-peers bench-soak
+	bench-smollm2 bench-peers bench-soak bench-serve
 
 setup: $(STAMP)
 
@@ -100,6 +100,18 @@ bench-peers: bench-smollm2 peers-venv
 SOAK_DURATION ?= 600
 bench-soak: bench-smollm2
 	$(BIN)/python -m bench.soak $(SMOLLM2_INT4) --duration $(SOAK_DURATION) --out build/bench/soak $(SOAK_ARGS)
+
+# Served capacity (issue 14): the lean reference server (bench/reference_server.py, the
+# measuring stick), `modelpress serve` and `modelpress serve --no-batching` on the quick
+# demo's MiniLM onnx-int8-dynamic, one after another under the same `hey` load (1 and 32
+# connections, one review per request); the table and ratios go into docs/benchmarks.md.
+# Run it on an idle machine. SERVE_BENCH_ARGS="--rounds 2" for medians of two rounds.
+SERVE_ARTIFACT ?= demo-output/classification/artifacts/onnx-int8-dynamic
+SERVE_DATA ?= demo-output/classification/data/rotten-tomatoes-test.jsonl
+bench-serve: setup
+	command -v hey >/dev/null || apt-get install -y hey || (apt-get update -q && apt-get install -y hey)
+	test -f $(SERVE_ARTIFACT)/manifest.json || $(BIN)/modelpress demo --quick
+	$(BIN)/python -m bench.serve_capacity $(SERVE_ARTIFACT) --data $(SERVE_DATA) --json build/bench/serve-capacity.json --doc docs/benchmarks.md $(SERVE_BENCH_ARGS)
 
 clean:
 	rm -rf build artifacts demo-output .pytest_cache

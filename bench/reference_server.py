@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 from collections import deque
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     app = ReferenceApp(args.artifact, args.max_batch_size)
+    gc.collect()
+    gc.freeze()  # as the served worker does after loading (same process-level setting)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning",
                 access_log=False, server_header=False)
 

@@ -92,8 +92,12 @@ class OnnxRuntime:
             import onnxruntime as ort
 
             try:
-                self.session = ort.InferenceSession(str(self.path / "model.onnx"),
-                                                    session_options(),
+                options = session_options()
+                # Idle intra-op threads would otherwise spin for work and take the CPU
+                # the server's event loop needs between batches: 1.35x the req/s of
+                # `modelpress serve` at 32 connections on 2 cores (docs/benchmarks.md).
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                self.session = ort.InferenceSession(str(self.path / "model.onnx"), options,
                                                     providers=self.providers)
             except Exception as exc:  # ORT raises its own exception types
                 raise ArtifactError(f"{self.path}: ONNX Runtime cannot load model.onnx "

@@ -31,6 +31,7 @@ This module imports no deep-learning framework: the runtime chosen by
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import os
 import threading
@@ -155,6 +156,11 @@ class Modelpress:
         batchers = ({"classify_batch": classify_batcher(self.classify_batch)}
                     if self.runtime.manifest.task == "text-classification" else {})
         _STATE.backend = Backend(self, SETTINGS.limits, SETTINGS.workers, batchers)
+        # Everything loaded so far (frameworks, model, tokenizer) lives as long as the
+        # worker: out of the collector's reach, full collections stop pausing requests
+        # (~250 ms each, every few seconds under load: p99 ~11x p50 at 32 connections).
+        gc.collect()
+        gc.freeze()
         m = self.runtime.manifest
         log.info("serving %s (%s, %s/%s) on %s; batching=%s max_batch_size=%d "
                  "max_latency_ms=%d", SETTINGS.artifact, m.task, m.format, m.precision,
