@@ -54,10 +54,17 @@ class StreamOptions(_Lenient):
     include_usage: bool | None = None
 
 
+# What the published schema (``/openapi.json``) allows beyond the validation bounds: the
+# values of OpenAI fields this server can honour. Other values pass validation and get a
+# 400 that names the field and says it is not supported.
+def _only(**schema: Any) -> Any:
+    return {"json_schema_extra": schema}
+
+
 class ResponseFormat(_Lenient):
     """``response_format``: only ``{"type": "text"}`` is honoured."""
 
-    type: str
+    type: str = Field(..., **_only(enum=["text"]))
 
 
 class _OpenAIParams(_Lenient):
@@ -65,15 +72,17 @@ class _OpenAIParams(_Lenient):
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1, le=INT64_MAX)
+    n: int | None = Field(None, ge=1, le=INT64_MAX, **_only(maximum=1))
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, **_only(maxItems=8))
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     user: str | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0,
+                                           **_only(minimum=0, maximum=0))
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0,
+                                            **_only(minimum=0, maximum=0))
+    logit_bias: dict[str, float] | None = Field(None, **_only(maxProperties=0))
     response_format: ResponseFormat | None = None
 
     def check(self, path: str) -> None:
@@ -113,10 +122,10 @@ class CompletionRequest(_OpenAIParams):
     """``POST /v1/completions``."""
 
     prompt: str | list[str]
-    echo: bool | None = None
-    suffix: str | None = None
-    logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
-    best_of: int | None = Field(None, ge=1, le=INT64_MAX)
+    echo: bool | None = Field(None, **_only(enum=[False, None]))
+    suffix: str | None = Field(None, **_only(enum=["", None]))
+    logprobs: int | None = Field(None, ge=0, le=INT64_MAX, **_only(maximum=0))
+    best_of: int | None = Field(None, ge=1, le=INT64_MAX, **_only(maximum=1))
 
     def check(self, path: str) -> None:
         """See :meth:`_OpenAIParams.check`; also ``echo``, ``suffix``, ``logprobs``."""
@@ -134,14 +143,16 @@ class CompletionRequest(_OpenAIParams):
 class ChatRequest(_OpenAIParams):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(..., **_only(minItems=1))
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    logprobs: bool | None = Field(None, **_only(enum=[False, None]))
+    top_logprobs: int | None = Field(None, ge=0, le=20, **_only(maximum=0))
+    tools: list[dict[str, Any]] | None = Field(None, **_only(maxItems=0))
+    tool_choice: str | dict[str, Any] | None = Field(None,
+                                                     **_only(enum=["none", "auto", None]))
+    functions: list[dict[str, Any]] | None = Field(None, **_only(maxItems=0))
+    function_call: str | dict[str, Any] | None = Field(
+        None, **_only(enum=["none", "auto", None]))
 
     def check(self, path: str) -> None:
         """See :meth:`_OpenAIParams.check`; also logprobs and tools."""

@@ -15,7 +15,13 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from serve.openai_api import ChatRequest, CompletionRequest
-from serve.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
+from serve.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Limits,
+)
 
 REF = "#/components/schemas/{model}"
 
@@ -48,19 +54,38 @@ _STATUSES = {"400": "Invalid request (the message names the field)",
              "503": "Overloaded (retry after Retry-After)"}
 
 
-def openapi_schema(title: str = "modelpress", version: str = "1",
-                   api_key: bool = False) -> dict[str, Any]:
+# request field → the server limit that caps it (published as the schema's bound)
+_CAPS = {"max_new_tokens": ("maximum", "max_new_tokens"),
+         "max_tokens": ("maximum", "max_new_tokens"),
+         "max_completion_tokens": ("maximum", "max_new_tokens"),
+         "texts": ("maxItems", "max_items"), "prompts": ("maxItems", "max_items")}
+
+
+def _apply_limits(schemas: dict[str, Any], limits: Limits) -> None:
+    """Publish this server's caps in the request schemas (``maximum``/``maxItems``)."""
+    for name in ("ClassifyRequest", "GenerateRequest", "CompletionRequest", "ChatRequest"):
+        for field, spec in schemas[name]["properties"].items():
+            if field in _CAPS:
+                keyword, limit = _CAPS[field]
+                spec[keyword] = getattr(limits, limit)
+
+
+def openapi_schema(title: str = "modelpress", version: str = "1", api_key: bool = False,
+                   limits: Limits | None = None) -> dict[str, Any]:
     """The OpenAPI document of the public routes.
 
     Args:
         title: ``info.title`` (the served model's name).
         version: ``info.version``.
         api_key: Declare bearer authentication on every operation.
+        limits: The server's caps, published as bounds (token counts, items).
     """
     models = [(m, mode) for _, _, req, resp, _, _ in _ROUTES
               for m, mode in ((req, "validation"), (resp, "serialization")) if m]
     _, defs = models_json_schema(models, ref_template=REF)
     schemas = {**defs.get("$defs", {}), "Error": _ERROR}
+    if limits is not None:
+        _apply_limits(schemas, limits)
     paths: dict[str, Any] = {}
     for path, method, req, resp, summary, streams in _ROUTES:
         ok: dict[str, Any] = {"application/json": {"schema": (
