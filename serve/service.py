@@ -69,9 +69,6 @@ if SETTINGS.artifact:
 _UNTRACED: dict[str, Any] = (
     {} if os.environ.get("BENTOML_CONFIG") or os.environ.get("BENTOML_CONFIG_OPTIONS")
     else {"tracing": {"excluded_urls": [r"://[^/]*/classify$"]}})
-_BATCHING: dict[str, Any] = {"batchable": SETTINGS.batching,
-                             "max_batch_size": SETTINGS.max_batch_size,
-                             "max_latency_ms": SETTINGS.max_latency_ms}
 
 
 def start_engine(runtime: Any, settings: ServeSettings) -> Engine:
