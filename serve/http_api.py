@@ -3,10 +3,10 @@
 The routes form a Starlette app mounted on the BentoML service. Each reads its body under
 a deadline (408) and a size cap (413) before it takes a concurrency slot (429), then
 validates it once (strict parsing, bounds on every number, task check → 4xx with
-OpenAI's error object naming the field, :mod:`serve.http_errors`),
-then hand the model work to a :class:`serve.batcher.MicroBatcher` on this event loop
-(``/classify``: every request that queued while the model ran becomes the next batch, one
-thread hop per batch), whose batch sizes show up in ``/metrics`` as
+OpenAI's error object naming the field, :mod:`serve.http_errors`). ``/classify`` then
+hands the model work to a :class:`serve.batcher.MicroBatcher` on this event loop (every
+request that queued while the model ran becomes the next batch, one thread hop per
+batch), whose batch sizes show up in ``/metrics`` as
 ``bentoml_service_adaptive_batch_size``. The batch function is not a BentoML API: no
 unchecked internal route exists. Nothing here reaches into BentoML's internals.
 
