@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from serve.llm_metrics import LLMMetrics, llm_metrics
@@ -98,9 +98,8 @@ class Event:
     error: EngineRefused | None = None
 
 
-@dataclass
-class _Step:
-    events: list[tuple[Sequence, Event]] = field(default_factory=list)
+# What one engine iteration hands to the event loops, in order.
+Events = list[tuple[Sequence, Event]]
 
 
 class Engine:
@@ -178,11 +177,6 @@ class Engine:
             self._cond.notify()
         self._thread.join(timeout=30)
 
-    @property
-    def running(self) -> int:
-        """Sequences in the running batch."""
-        return len(self._running)
-
     # --- the engine thread ----------------------------------------------------------
 
     def _loop(self) -> None:
@@ -193,7 +187,7 @@ class Engine:
                 if self._closed:
                     break
                 aborts, self._aborts = self._aborts, []
-            step = _Step()
+            step: Events = []
             try:
                 self._free_aborted(aborts)
                 self._expire(step)
@@ -205,7 +199,7 @@ class Engine:
                 for seq in list(self._running):
                     self._finish(seq, step, error=error)
             self._deliver(step)
-        step = _Step()
+        step: Events = []
         error = EngineRefused("server is shutting down", 503)
         for seq in [*self._running, *self._waiting]:
             self._finish(seq, step, error=error)
@@ -223,7 +217,7 @@ class Engine:
                 self.metrics.request_aborted.inc()
         self.metrics.running.set(len(self._running))
 
-    def _expire(self, step: _Step) -> None:
+    def _expire(self, step: Events) -> None:
         now, timeout = time.monotonic(), self.config.queue_timeout_s
         with self._cond:
             while self._waiting and (self._waiting[0].aborted
@@ -236,7 +230,7 @@ class Engine:
                     f"server overloaded: not scheduled within {timeout:g} s; retry later"))
             self.metrics.waiting.set(len(self._waiting))
 
-    def _admit(self, step: _Step) -> None:
+    def _admit(self, step: Events) -> None:
         while True:
             with self._cond:
                 used = sum(s.need for s in self._running)
@@ -256,7 +250,7 @@ class Engine:
             self.metrics.running.set(len(self._running))
             self._emit(head, head.sampler(logits), step)
 
-    def _decode(self, step: _Step) -> None:
+    def _decode(self, step: Events) -> None:
         batch = [s for s in self._running if not s.finished]
         if not batch:
             return
@@ -265,7 +259,7 @@ class Engine:
         for seq, row in zip(batch, logits, strict=True):
             self._emit(seq, seq.sampler(row), step)
 
-    def _emit(self, seq: Sequence, token: int, step: _Step) -> None:
+    def _emit(self, seq: Sequence, token: int, step: Events) -> None:
         """Record one sampled token: deliver it, or end the sequence (EOS, length)."""
         if token in self.eos_ids:
             self._finish(seq, step, reason="stop")
@@ -278,12 +272,12 @@ class Engine:
         seq.generated += 1
         seq.last_token, seq.last_time = token, now
         self.metrics.generation_tokens.inc()
-        step.events.append((seq, Event(token=token)))
+        step.append((seq, Event(token=token)))
         if (seq.generated >= seq.params.max_new_tokens
                 or len(seq.prompt_ids) + seq.generated >= self.context):
             self._finish(seq, step, reason="length")
 
-    def _finish(self, seq: Sequence, step: _Step, reason: str | None = None,
+    def _finish(self, seq: Sequence, step: Events, reason: str | None = None,
                 error: EngineRefused | None = None) -> None:
         if seq in self._running:
             self._running.remove(seq)
@@ -296,20 +290,20 @@ class Engine:
         if reason is not None:
             self.metrics.request_success.labels(finished_reason=reason).inc()
             self.metrics.e2e_request_latency.observe(time.monotonic() - seq.arrived)
-        step.events.append((seq, Event(finish_reason=reason, error=error)))
+        step.append((seq, Event(finish_reason=reason, error=error)))
 
     @staticmethod
-    def _deliver(step: _Step) -> None:
+    def _deliver(step: Events) -> None:
         """Hand a step's events to their event loops: one thread hop per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Event]]] = {}
-        for seq, event in step.events:
+        by_loop: dict[asyncio.AbstractEventLoop, Events] = {}
+        for seq, event in step:
             by_loop.setdefault(seq.loop, []).append((seq, event))
         for loop, events in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens
                 loop.call_soon_threadsafe(_put_all, events)
 
 
-def _put_all(events: list[tuple[Sequence, Event]]) -> None:
+def _put_all(events: Events) -> None:
     for seq, event in events:
         seq.queue.put_nowait(event)
 

@@ -161,7 +161,3 @@ class GenaiStepLM:
             self._lengths[row] = n
             self._rows[moved] = row
         self._lengths[last] = 0
-
-    def length(self, slot: int) -> int:
-        """Tokens cached for ``slot``."""
-        return int(self._lengths[self._rows[slot]])
