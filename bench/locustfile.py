@@ -61,6 +61,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Iterator
 
 import gevent
 import gevent.pool
@@ -140,6 +141,15 @@ def classify(client, name: str = "/classify") -> None:
         _check_classify(resp)
 
 
+def _sse_data(resp) -> Iterator[str]:
+    """The ``data:`` payloads of a streamed response, each as soon as its line lands."""
+    raw = resp._response  # geventhttpclient response: readline returns each line as it lands
+    while line := raw.readline(b"\n"):
+        data = line.decode("utf-8").strip()
+        if data.startswith("data:"):
+            yield data.removeprefix("data:").strip()
+
+
 def generate_stream(client, name: str = "/generate [stream]") -> None:
     """One streamed ``POST /generate``; records TTFT, ITL and tokens next to the request."""
     body = {"prompts": [_next_input()], "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0,
@@ -152,13 +162,8 @@ def generate_stream(client, name: str = "/generate [stream]") -> None:
             _failed_status(resp)
             return
         arrivals, done = [], False
-        raw = resp._response  # geventhttpclient response: readline returns each line as it lands
         try:
-            while line := raw.readline(b"\n"):
-                data = line.decode("utf-8").strip()
-                if not data.startswith("data:"):
-                    continue
-                data = data.removeprefix("data:").strip()
+            for data in _sse_data(resp):
                 if data == "[DONE]":
                     done = True
                 else:
@@ -227,13 +232,8 @@ def chat_stream(client, name: str = "/v1/chat/completions [stream]") -> None:
                 return
             phase = "200 cut off"
             done = False
-            raw = resp._response
             try:
-                while line := raw.readline(b"\n"):
-                    data = line.decode("utf-8").strip()
-                    if not data.startswith("data:"):
-                        continue
-                    data = data.removeprefix("data:").strip()
+                for data in _sse_data(resp):
                     if data == "[DONE]":
                         done = True
                         continue
