@@ -24,6 +24,14 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return build_all(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="module")
+def bentoml_env(tmp_path_factory) -> dict[str, str]:
+    """Process environment for a served test: a private BENTOML_HOME, tracking off."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+            "OMP_NUM_THREADS": "1"}
+
+
 def write_recipe(path: Path, text: str) -> Path:
     """Write a recipe file and return its path."""
     path.write_text(text)

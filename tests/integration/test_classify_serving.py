@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,13 +19,6 @@ from tests.conftest import write_recipe
 pytestmark = pytest.mark.integration
 
 TEXTS = ["the movie is great", "awful plot and bad actors", "a good story", "not funny"]
-
-
-@pytest.fixture(scope="module")
-def serve_env(tmp_path_factory) -> dict[str, str]:
-    home = tmp_path_factory.mktemp("bentoml-home")
-    return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-            "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +53,8 @@ async def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
 
 
 def test_no_batching_runs_each_request_alone_and_keeps_bentoml_routes(onnx_classifier,
-                                                                      serve_env, offline):
-    handle = start_server(onnx_classifier, env=serve_env, batching=False, access_log=False,
+                                                                      bentoml_env, offline):
+    handle = start_server(onnx_classifier, env=bentoml_env, batching=False, access_log=False,
                           max_batch_size=16)
     try:
         bodies = [{"texts": [TEXTS[i % 4], TEXTS[(i + 1) % 4]]} for i in range(24)]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 
 import httpx
@@ -22,13 +21,6 @@ pytestmark = pytest.mark.integration
 
 PROMPTS = ["the movie is", "what is the capital of france ?", "i love", "the cat and the dog",
            "a good story", "what a dull scene", "the worst movie", "fun and wonderful"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    home = tmp_path_factory.mktemp("bentoml-home")
-    return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-            "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +58,12 @@ def _metrics(url: str) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("fmt", ["merge", "onnx-fp32", "genai-fp32"])
-def test_concurrent_streams_interleave_and_equal_the_lone_answers(lms, env, fmt):
+def test_concurrent_streams_interleave_and_equal_the_lone_answers(lms, bentoml_env, fmt):
     offline = load_runtime(lms / fmt)
     # EOS can end the tiny model's answers early: compare against the offline runtime
     lone = [g.text for g in (offline.generate([p], GenerationParams(max_new_tokens=100))[0]
                              for p in PROMPTS)]
-    with start_server(lms / fmt, env=env, access_log=False, max_new_tokens=100) as server:
+    with start_server(lms / fmt, env=bentoml_env, access_log=False, max_new_tokens=100) as server:
         async def together():
             async with httpx.AsyncClient(timeout=120) as client:
                 return await asyncio.gather(*(_stream(client, server.url, p, 100)
@@ -93,8 +85,8 @@ def test_concurrent_streams_interleave_and_equal_the_lone_answers(lms, env, fmt)
             / metrics["modelpress:engine_step_sequences_count"]) > 1.5
 
 
-def test_queue_deadline_answers_503_before_headers(lms, env):
-    with start_server(lms / "merge", env=env, access_log=False, max_running=1,
+def test_queue_deadline_answers_503_before_headers(lms, bentoml_env):
+    with start_server(lms / "merge", env=bentoml_env, access_log=False, max_running=1,
                       queue_timeout_s=0.05, max_new_tokens=120) as server:
         async def burst():
             async with httpx.AsyncClient(timeout=120) as client:
@@ -110,8 +102,8 @@ def test_queue_deadline_answers_503_before_headers(lms, env):
     assert metrics["modelpress:request_queue_timeout_total"] == len(refused)
 
 
-def test_disconnect_aborts_in_the_engine_and_frees_the_slot(lms, env):
-    with start_server(lms / "genai-fp32", env=env, access_log=False, max_running=1,
+def test_disconnect_aborts_in_the_engine_and_frees_the_slot(lms, bentoml_env):
+    with start_server(lms / "genai-fp32", env=bentoml_env, access_log=False, max_running=1,
                       max_new_tokens=120) as server:
         body = {"prompts": [PROMPTS[0]], "max_new_tokens": 120, "stream": True}
         with httpx.Client(timeout=60) as client, client.stream(
@@ -130,10 +122,10 @@ def test_disconnect_aborts_in_the_engine_and_frees_the_slot(lms, env):
     assert m["modelpress:num_requests_running"] == 0
 
 
-def test_usage_and_metrics_are_the_engines_token_counts(lms, env):
+def test_usage_and_metrics_are_the_engines_token_counts(lms, bentoml_env):
     offline = load_runtime(lms / "merge")
     want = offline.generate([PROMPTS[1]], GenerationParams(max_new_tokens=10))[0]
-    with start_server(lms / "merge", env=env, access_log=False) as server:
+    with start_server(lms / "merge", env=bentoml_env, access_log=False) as server:
         before = _metrics(server.url)
         r = httpx.post(f"{server.url}/v1/completions",
                        json={"prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0},
@@ -155,8 +147,8 @@ def test_usage_and_metrics_are_the_engines_token_counts(lms, env):
         assert after["modelpress:inter_token_latency_seconds_count"] >= 1
 
 
-def test_one_long_stream_does_not_stall_45_short_requests(lms, env):
-    with start_server(lms / "genai-fp32", env=env, access_log=False,
+def test_one_long_stream_does_not_stall_45_short_requests(lms, bentoml_env):
+    with start_server(lms / "genai-fp32", env=bentoml_env, access_log=False,
                       max_new_tokens=120) as server:
         async def load():
             async with httpx.AsyncClient(timeout=60) as client:

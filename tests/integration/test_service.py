@@ -30,14 +30,6 @@ PROMPTS = ["the movie is", "what is the capital of france ?", "i love", "the cat
 CHAT = [{"role": "user", "content": "what is the capital of france ?"}]
 
 
-@pytest.fixture(scope="module")
-def bentoml_env(tmp_path_factory) -> dict[str, str]:
-    """Process environment with a private BENTOML_HOME, tracking off."""
-    home = tmp_path_factory.mktemp("bentoml-home")
-    return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-            "OMP_NUM_THREADS": "1"}
-
-
 def _build(tiny, tmp_path_factory, name: str, task: str, base: str, adapter: str):
     from compress.pipeline import run_recipe
     from compress.recipe import load_recipe

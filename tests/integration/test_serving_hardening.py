@@ -27,13 +27,6 @@ FUZZ_EXAMPLES = int(os.environ.get("MODELPRESS_FUZZ_EXAMPLES", "50"))  # per ope
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    home = tmp_path_factory.mktemp("bentoml-home")
-    return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-            "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
 def classifier(tiny, tmp_path_factory):
     return _build(tiny, tmp_path_factory, "hard-cls", "text-classification", "bert",
                   "bert-lora")
@@ -46,9 +39,9 @@ def generator(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cls_server(classifier, env):
+def cls_server(classifier, bentoml_env):
     """A classifier behind an API key; one request in flight; 1 s to send a body."""
-    handle = start_server(classifier, env=env, api_key=KEY, max_concurrency=1,
+    handle = start_server(classifier, env=bentoml_env, api_key=KEY, max_concurrency=1,
                           body_timeout_s=1.0, max_items=8, max_batch_size=8,
                           max_latency_ms=20_000, access_log=False)
     yield handle
@@ -56,8 +49,8 @@ def cls_server(classifier, env):
 
 
 @pytest.fixture(scope="module")
-def gen_server(generator, env):
-    handle = start_server(generator, env=env, max_new_tokens=64, max_input_tokens=48,
+def gen_server(generator, bentoml_env):
+    handle = start_server(generator, env=bentoml_env, max_new_tokens=64, max_input_tokens=48,
                           long_input="reject", access_log=False)
     yield handle
     handle.stop()
