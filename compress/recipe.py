@@ -198,12 +198,7 @@ class ExportVariant(Strict):
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
-        from compress.stages import registry
-
-        if value not in registry.names("export"):
-            raise ValueError(f"unknown format {value!r}; choose one of "
-                             f"{', '.join(registry.names('export'))}")
-        return value
+        return _registered("export", "format", value)
 
     @field_validator("algorithm")
     @classmethod
@@ -217,6 +212,16 @@ class ExportVariant(Strict):
 
 
 _COMMON_VARIANT_KEYS = ("name", "kind", "method", "gates")
+
+
+def _registered(kind: str, field: str, value: str) -> str:
+    """``value`` if the registry has it for ``kind``, else a ValueError naming the choices."""
+    from compress.stages import registry
+
+    if value not in registry.names(kind):
+        raise ValueError(f"unknown {field} {value!r}; choose one of "
+                         f"{', '.join(registry.names(kind))}")
+    return value
 
 
 class QuantizeVariant(Strict):
@@ -245,12 +250,7 @@ class QuantizeVariant(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        from compress.stages import registry
-
-        if value not in registry.names("quantize"):
-            raise ValueError(f"unknown method {value!r}; choose one of "
-                             f"{', '.join(registry.names('quantize'))}")
-        return value
+        return _registered("quantize", "method", value)
 
     @model_validator(mode="after")
     def _validate_options(self) -> QuantizeVariant:
