@@ -69,6 +69,11 @@ class Int4Options(Strict):
             base's ``gguf_file`` when the base was loaded from a GGUF.
         gguf_types: GGUF block types to import (``Q4_0``, ``Q4_1``, ``Q8_0``); the other
             tensors go to ``algorithm`` (e.g. leave ``Q8_0`` out for an int4 LM head).
+        gguf_fuse: Imported Q4 MatMuls that read one input (q/k/v, gate/up) become one
+            MatMulNBits with one offset correction, split afterwards (same weights).
+        gguf_node_sums: Q4_1 offsets multiply block sums of the activations as the
+            MatMulNBits quantizes them (extra output channels), as llama.cpp does, instead
+            of fp32 block sums (same weights).
         percdamp: GPTQ dampening (fraction of the mean Hessian diagonal).
         actorder: GPTQ: quantize columns in order of decreasing activation energy.
         calibration_max_length: Tokens per calibration text (GPTQ).
@@ -85,6 +90,8 @@ class Int4Options(Strict):
     gguf_file: Path | None = None
     gguf_types: list[Literal["Q4_0", "Q4_1", "Q8_0"]] = Field(
         default_factory=lambda: ["Q4_0", "Q4_1", "Q8_0"])
+    gguf_fuse: bool = True
+    gguf_node_sums: bool = False
     percdamp: float = Field(default=0.01, gt=0)
     actorder: bool = False
     calibration_max_length: int = Field(default=128, gt=1)
@@ -233,7 +240,7 @@ def _plan_int4(recipe: Recipe, variant: Any) -> tuple[str, str]:
     return "onnx", variant.method
 
 
-@register("quantize", "int4-weight-only", config=Int4Options, plan=_plan_int4, version=4,
+@register("quantize", "int4-weight-only", config=Int4Options, plan=_plan_int4, version=5,
           summary="MatMulNBits int4 (rtn, gptq, hqq, k_quant, k_quant_mixed)")
 def _build_int4(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages.quantize import int4_weight_only

@@ -158,7 +158,9 @@ def int4_weight_only(ctx) -> dict[str, Any]:
         ctx.report(f"writing the Q4/Q8 blocks of {gguf.name} into MatMulNBits")
         untied = int4.untie_embeddings(model)  # the embedding Gather gets its own rows
         details["gguf_blocks"] = import_gguf_blocks(model, gguf, options.accuracy_level,
-                                                    tuple(options.gguf_types))
+                                                    tuple(options.gguf_types),
+                                                    options.gguf_fuse,
+                                                    options.gguf_node_sums)
         details["gguf_blocks"]["untied_embeddings"] = untied
     reader = None
     if int4.ALGORITHMS[options.algorithm].calibrated:

@@ -1,0 +1,155 @@
+"""llama.cpp's own quality on the eval text: perplexity and agreement with the reference.
+
+llama.cpp quantizes activations to 8 bits for its Q4_1 / Q8_0 dot products, as ONNX
+Runtime's MatMulNBits does at ``accuracy_level`` 4, so its next-token agreement with the
+fp32 reference says what agreement is reachable at llama.cpp's speed. The peer is scored
+teacher-forced through the same code as every artifact (``compress.evaluate``): the same
+windows and the same token ids (the reference's tokenizer), llama.cpp's logits for every
+position (``logits_all``), compared with the reference's predictions.
+
+    python -m bench.peer_quality --gguf build/bench/smollm2-gguf/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --reference build/bench/artifacts-smollm2-q15/merge --data build/bench/lm-eval.jsonl \\
+        --json build/q15/peer-quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.peers import PEERS_PYTHON
+
+log = logging.getLogger(__name__)
+
+# Runs in the peers venv: one JSON list of token ids per stdin line, the logits [T, V]
+# written to the .npy path given on the same line, "ok" printed back.
+LLAMA_LOGITS_SCRIPT = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_batch=int(sys.argv[2]),
+            n_threads=int(sys.argv[3]), logits_all=True, verbose=False, seed=0)
+for line in sys.stdin:
+    job = json.loads(line)
+    llm.reset()
+    llm.eval(job["ids"])
+    np.save(job["out"], np.asarray(llm.scores[:len(job["ids"])], dtype=np.float32))
+    print("ok", flush=True)
+"""
+
+
+class _Manifest:
+    task = "text-generation"
+
+
+class LlamaCppScorer:
+    """The ``Runtime`` slice ``compress.evaluate.predict`` needs, backed by llama.cpp.
+
+    Args:
+        gguf: The GGUF file.
+        tokenizer_dir: A folder with the reference's tokenizer (ids shared with it).
+        python: The peers venv's Python (llama-cpp-python).
+        max_length: Token window (the evaluation's, 256).
+        threads: llama.cpp threads.
+    """
+
+    manifest = _Manifest()
+
+    def __init__(self, gguf: Path, tokenizer_dir: Path, python: Path = PEERS_PYTHON,
+                 max_length: int = 256, threads: int = 2) -> None:
+        from transformers import AutoTokenizer
+
+        if not python.exists():
+            raise FileNotFoundError(f"{python}: no peers venv; run `make peers-venv`")
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.max_length = max_length
+        self._tmp = tempfile.TemporaryDirectory(prefix="peer-logits-")
+        self._proc = subprocess.Popen(
+            [str(python), "-c", LLAMA_LOGITS_SCRIPT, str(gguf), str(max_length), str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the reference's tokenizer makes of ``text``."""
+        return len(self.tokenizer(text)["input_ids"])
+
+    def next_token_logprobs(self, texts: list[str], max_length: int = 256) -> list[Any]:
+        """Per text: (token_ids [T] int64, llama.cpp's log-softmax [T-1, V] float32)."""
+        out = []
+        for text in texts:
+            ids = self.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+            path = Path(self._tmp.name) / "logits.npy"
+            self._proc.stdin.write(json.dumps({"ids": ids, "out": str(path)}) + "\n")
+            self._proc.stdin.flush()
+            if self._proc.stdout.readline().strip() != "ok":
+                raise RuntimeError(f"llama.cpp logits process failed (rc {self._proc.poll()})")
+            logits = np.load(path)[: len(ids) - 1]
+            logits = logits - logits.max(axis=-1, keepdims=True)
+            logprobs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+            out.append((np.asarray(ids, dtype=np.int64), logprobs.astype(np.float32)))
+        return out
+
+    def close(self) -> None:
+        """Stop the llama.cpp process and remove its scratch folder."""
+        self._proc.stdin.close()
+        self._proc.wait(timeout=60)
+        self._tmp.cleanup()
+
+
+def peer_quality(gguf: Path, reference: Path, data: Path, python: Path = PEERS_PYTHON,
+                 threads: int = 2) -> dict[str, Any]:
+    """Score llama.cpp on ``data`` against the reference artifact (perplexity, agreement)."""
+    from compress.data import load_examples
+    from compress.evaluate import predict, score
+    from compress.recipe import DataFile
+    from serve.runtimes import load_runtime
+
+    examples = load_examples(DataFile(path=data.resolve(), label=None))
+    ref_rt = load_runtime(reference, device="cpu")
+    ref_pred = predict(ref_rt, examples, progress=False)
+    ref = score(ref_rt.manifest.task, examples, ref_pred)
+    del ref_rt
+    peer = LlamaCppScorer(gguf, reference, python, threads=threads)
+    try:
+        result = score("text-generation", examples, predict(peer, examples, progress=False),
+                       ref_pred)
+    finally:
+        peer.close()
+    return {"peer": f"llama.cpp ({gguf.name})", "gguf": str(gguf), "data": str(data),
+            "reference": str(reference), "reference_perplexity": ref["value"],
+            "reference_ci95": ref["ci95"], **result}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: print (and optionally write) llama.cpp's quality against the reference."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gguf", type=Path, required=True)
+    parser.add_argument("--reference", type=Path, required=True,
+                        help="Reference artifact folder (its tokenizer is used too).")
+    parser.add_argument("--data", type=Path, required=True, help="Perplexity eval JSONL.")
+    parser.add_argument("--peers-python", type=Path, default=PEERS_PYTHON)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = peer_quality(args.gguf, args.reference, args.data, args.peers_python,
+                          args.threads)
+    ref = result["reference"]
+    print(f"{result['peer']}: perplexity {result['value']:.2f} "
+          f"[{result['ci95'][0]:.1f}, {result['ci95'][1]:.1f}] (reference "
+          f"{result['reference_perplexity']:.2f}), drop {ref['metric_drop']:+.2%} "
+          f"[{ref['drop_ci95'][0]:+.2%}, {ref['drop_ci95'][1]:+.2%}], "
+          f"agreement {ref['agreement']:.3f}, KL {ref['kl']:.4f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The ONNX nodes of the exact GGUF import: 8-bit and 4-bit MatMulNBits, the Q4 offset
+correction, and the 8-bit embedding Gather (see ``gguf_blocks`` for the whole scheme)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from compress.stages.gguf_rows import BLOCK
+
+MIN_SUFFIX = "_min"
+
+
+def _constant(array, name: str):
+    import onnx
+    from onnx import numpy_helper
+
+    return onnx.helper.make_node("Constant", [], [name], name=name + "_const",
+                                 value=numpy_helper.from_array(array, name))
+
+
+def replace_q8(graph, node, q, d, level: int) -> list:
+    """An 8-bit MatMulNBits (default zero point 128) for a MatMul whose rows are Q8_0."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    n, kb, _ = q.shape
+    prefix = node.input[1] + "_gguf"
+    inits = [numpy_helper.from_array(q.astype(np.uint8), prefix + "_Q8"),
+             numpy_helper.from_array(d.reshape(-1).astype(np.float32), prefix + "_scales")]
+    graph.initializer.extend(inits)
+    return [onnx.helper.make_node(
+        "MatMulNBits", [node.input[0], inits[0].name, inits[1].name], list(node.output),
+        name=node.name + "_gguf", domain="com.microsoft", K=kb * BLOCK, N=n, bits=8,
+        block_size=BLOCK, accuracy_level=level)]
+
+
+def replace_q4(graph, group: list, level: int, blocksums: dict[str, str],
+               node_sums: bool = False) -> list:
+    """One MatMulNBits (+ offset correction, + Split) for Q4 MatMuls reading one input.
+
+    ``group`` holds ``(node, q, d, m)`` for each MatMul; two or more become one node over
+    their concatenated output channels, split back afterwards. ``node_sums``: the block
+    sums the offsets multiply come from ``kb`` extra output channels of the node itself
+    (weight 1 on one block each), i.e. from the activations as the node sees them (int8
+    at ``accuracy_level`` 4), as llama.cpp's Q8_1 block sums are, instead of ``x @ E``.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    first = group[0][0]
+    q = np.concatenate([g[1] for g in group])
+    d = np.concatenate([g[2] for g in group])
+    zp, minima = q4_offsets(np.concatenate([g[3] for g in group]), d)
+    n, kb, _ = q.shape
+    k = kb * BLOCK
+    sums = node_sums and minima is not None
+    if sums:  # row j: q = 9 (weight 1 at zero point 8) on block j, 8 (weight 0) elsewhere
+        ones = np.full((kb, kb, BLOCK), 8, np.uint8)
+        ones[np.arange(kb), np.arange(kb)] = 9
+        q, d = np.concatenate([q, ones]), np.concatenate([d, np.ones((kb, kb), d.dtype)])
+        zp = None if zp is None else np.concatenate([zp, np.full((kb, kb), 8, np.uint8)])
+    prefix = first.input[1] + "_gguf"
+    name = first.name + ("_gguf" if len(group) == 1 else "_gguf_fused")
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    inits = [numpy_helper.from_array(packed, prefix + "_Q4"),
+             numpy_helper.from_array(d.reshape(-1).astype(np.float32), prefix + "_scales")]
+    if zp is not None:  # zero point 8 where that keeps the offset exact, else 0
+        if kb % 2:
+            zp = np.concatenate([zp, np.zeros((len(zp), 1), np.uint8)], axis=1)
+        inits.append(numpy_helper.from_array((zp[:, 0::2] | (zp[:, 1::2] << 4))
+                                             .astype(np.uint8), prefix + "_zero_points"))
+    graph.initializer.extend(inits)
+    outputs = [g[0].output[0] for g in group]
+    final = outputs[0] if len(group) == 1 else name + "_out"
+    out = final if minima is None else name + "_q"
+    nodes = [onnx.helper.make_node("MatMulNBits", [first.input[0]] + [i.name for i in inits],
+                                   [name + "_qs" if sums else out], name=name,
+                                   domain="com.microsoft", K=k, N=len(q), bits=4,
+                                   block_size=BLOCK, accuracy_level=level)]
+    if sums:
+        graph.initializer.append(numpy_helper.from_array(np.array([n, kb], np.int64),
+                                                         name + "_sums_split"))
+        nodes.append(onnx.helper.make_node("Split", [name + "_qs", name + "_sums_split"],
+                                           [out, name + "_sums"], name=name + "_sums",
+                                           axis=-1))
+        blocksums[f"{first.input[0]}:{k}:{name}"] = name + "_sums"
+    if minima is not None:
+        key = f"{first.input[0]}:{k}" + (f":{name}" if sums else "")
+        nodes += _correction(first.input[0], k, kb, minima, prefix, name, out, final,
+                             blocksums, key)
+    if len(group) > 1:
+        sizes = np.array([len(g[1]) for g in group], np.int64)
+        graph.initializer.append(numpy_helper.from_array(sizes, name + "_split"))
+        nodes.append(onnx.helper.make_node("Split", [final, name + "_split"], outputs,
+                                           name=name + "_split", axis=-1))
+    return nodes
+
+
+def q4_offsets(m, d):
+    """(zero points [N, kb] uint8 or None, offsets [N, kb] f32 or None) for ``d * q + m``.
+
+    With zero point 8 the node computes ``d * (q - 8)`` and the correction adds
+    ``m + 8 d``; that offset is small (about ``d / 2`` for a block straddling zero), so the
+    error int8 activations cause is about what it is on the true weight, where ``d * q``
+    plus ``m`` (zero point 0) multiplies it by the whole positive ``d * q`` (measured on
+    SmolLM2: agreement 0.949 vs 0.890). Where ``m + 8 d`` is not exact in fp32 a block keeps
+    zero point 0 and ``m``; zero points are None when all are 8 (no input: the default).
+    """
+    import numpy as np
+
+    shifted = m.astype(np.float64) + 8 * d.astype(np.float64)
+    exact = shifted.astype(np.float32).astype(np.float64) == shifted
+    offsets = np.where(exact, shifted, m).astype(np.float32)
+    zp = None if exact.all() else np.where(exact, 8, 0).astype(np.uint8)
+    return zp, (None if not offsets.any() else offsets)
+
+
+def _correction(x: str, k: int, kb: int, minima, prefix: str, name: str, out: str,
+                final: str, blocksums: dict[str, str], key: str) -> list:
+    """``final = out + (x @ E) @ M``: the Q4_1 offsets, one ``x @ E`` per distinct input.
+
+    ``blocksums[key]``, when set, already names the block sums (``node_sums``).
+    """
+    import numpy as np
+    import onnx
+
+    # E and M are Constant nodes, not initializers, so that no quantizer pass that follows
+    # takes these two small MatMuls for weights to quantize. Offsets fp16 when exact there.
+    nodes = []
+    e_name = f"gguf_blocksum_E_{k}"
+    if key not in blocksums and e_name not in blocksums:
+        blocksums[e_name] = e_name
+        nodes.append(_constant(np.kron(np.eye(kb, dtype=np.float32),
+                                       np.ones((BLOCK, 1), np.float32)), e_name))
+    if key not in blocksums:
+        blocksums[key] = f"{name}_blocksum"
+        nodes.append(onnx.helper.make_node("MatMul", [x, e_name], [blocksums[key]],
+                                           name=blocksums[key]))
+    m_name = prefix + MIN_SUFFIX
+    half = minima.T.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), minima.T):
+        nodes += [_constant(np.ascontiguousarray(half), m_name + "_fp16"),
+                  onnx.helper.make_node("Cast", [m_name + "_fp16"], [m_name],
+                                        name=m_name + "_cast", to=onnx.TensorProto.FLOAT)]
+    else:
+        nodes.append(_constant(np.ascontiguousarray(minima.T), m_name))
+    nodes.append(onnx.helper.make_node("MatMul", [blocksums[key], m_name], [name + "_m"],
+                                       name=name + "_m"))
+    nodes.append(onnx.helper.make_node("Add", [out, name + "_m"], [final], name=name + "_add"))
+    return nodes
+
+
+def gather_q8(graph, node, q, d, shared: dict[bytes, tuple[str, str]]) -> list:
+    """An 8-bit GatherBlockQuantized for an embedding Gather whose rows are all Q8_0."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    v, kb, _ = q.shape
+    data = q.reshape(v, kb * BLOCK).astype(np.uint8)
+    key = hashlib.blake2b(data.tobytes() + d.tobytes(), digest_size=16).digest()
+    prefix = node.input[0] + "_gguf"
+    nodes = []
+    if key in shared:  # tied with an imported LM head: reshape its bytes, store nothing new
+        b_name, s_name = shared[key]
+        for src, shape, out in ((b_name, [v, kb * BLOCK], prefix + "_Q8"),
+                                (s_name, [v, kb], prefix + "_scales")):
+            graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64),
+                                                             out + "_shape"))
+            nodes.append(onnx.helper.make_node("Reshape", [src, out + "_shape"], [out],
+                                               name=out + "_reshape"))
+    else:
+        graph.initializer.extend([numpy_helper.from_array(data, prefix + "_Q8"),
+                                  numpy_helper.from_array(d.astype(np.float32),
+                                                          prefix + "_scales")])
+    nodes.append(onnx.helper.make_node(
+        "GatherBlockQuantized", [prefix + "_Q8", node.input[1], prefix + "_scales"],
+        list(node.output), name=node.name + "_gguf", domain="com.microsoft", bits=8,
+        block_size=BLOCK, gather_axis=0, quantize_axis=1))
+    return nodes
