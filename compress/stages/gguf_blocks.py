@@ -13,8 +13,10 @@ MatMulNBits holding the GGUF's own nibbles and scales (block 32):
   default zero point 8, and the offsets ``m + 8 d`` (exact in fp32; ``q4_offsets``) as a
   small correction ``(x @ E) @ M`` with ``E`` the [K, K/32] block-sum matrix and ``M``
   the [K/32, N] offsets: the effective weight is ``d * (q - 8) + m + 8 d = d * q + m``
-  exactly, i.e. the GGUF's dequantization. ``x @ E`` is computed once per distinct input,
-  and MatMuls reading one input (gate and up) share one node and one correction.
+  exactly, i.e. the GGUF's dequantization. By default the block sums ``x @ E`` come from
+  ``K/32`` extra output channels of the MatMulNBits itself (the int8 activations it sees,
+  as llama.cpp's Q8_1 sums are; a Split separates them), else from one fp32 ``x @ E`` per
+  distinct input; MatMuls reading one input (gate and up) share one node and correction.
 * Q8_0 (``w = d * q``, int8 q): an 8-bit MatMulNBits (``q + 128``, default zero point
   128) — bit-exact; an embedding Gather whose rows are Q8_0 becomes an 8-bit
   GatherBlockQuantized, sharing the LM head's bytes (via Reshape) when the two are tied.
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4,
                        types: tuple[str, ...] = IMPORTED_TYPES,
-                       fuse: bool = True, node_sums: bool = False) -> dict[str, Any]:
+                       fuse: bool = True, node_sums: bool = True) -> dict[str, Any]:
     """Replace every MatMul whose fp32 weight the GGUF's Q4 blocks reproduce exactly.
 
     Args:
@@ -45,7 +47,7 @@ def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4,
         fuse: One MatMulNBits (and one offset correction) for the Q4 MatMuls that read
             the same input (e.g. a Llama MLP's gate and up), split afterwards.
         node_sums: Take the Q4_1 offsets' block sums from extra output channels of the
-            MatMulNBits (the activations it quantizes, as llama.cpp does) instead of an
+            MatMulNBits (the activations it quantizes, as llama.cpp does); false: an
             fp32 ``x @ E`` (``gguf_nodes.replace_q4``).
 
     Returns:

@@ -157,10 +157,13 @@ def test_node_sums_keep_the_weights_and_the_outputs(tiny_gguf):
 
     path, gguf_path, expected, _ = tiny_gguf
     model = onnx.load(path)
-    details = import_gguf_blocks(model, gguf_path, accuracy_level=0, node_sums=True)
+    details = import_gguf_blocks(model, gguf_path, accuracy_level=0)  # node sums: default
     onnx.checker.check_model(model)
     sums = [n for n in model.graph.node if n.name.endswith("_sums")]
     assert sums and not any(n.name.endswith("_blocksum") for n in model.graph.node)
+    fp32_sums = onnx.load(path)
+    import_gguf_blocks(fp32_sums, gguf_path, accuracy_level=0, node_sums=False)
+    assert any(n.name.endswith("_blocksum") for n in fp32_sums.graph.node)
     for name, values in expected.items():
         if "Gather" not in name:
             assert np.array_equal(effective_weight(model, name + "_gguf", details["fused"]),
