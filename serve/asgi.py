@@ -1,27 +1,37 @@
-"""The mounted app of the service: a Starlette app whose hottest routes skip its layers.
+"""How ``/classify`` reaches its endpoint without BentoML's per-request layers.
 
-BentoML mounts the public routes' app under its own ASGI stack (metrics, tracing,
-timeout, context middleware, router). Inside it, a plain Starlette app would add a
-second ServerErrorMiddleware, ExceptionMiddleware, router and request/response wrapper
-per request: with a small model, that costs about as much CPU as the model call. The
-``direct`` routes (``/classify``) skip them: their endpoints are guarded by
-:func:`serve.http_api.endpoint`, which already turns every error into a JSON answer, so
-the layers skipped had nothing left to do. Every other route goes through Starlette.
+BentoML wraps the mounted public routes in its own ASGI stack (request metrics, tracing,
+timeout, context middleware, router, mount); with a small classifier those layers cost
+about as much CPU as the model (docs/benchmarks.md, issue 14). Two shortcuts:
 
-It stays a :class:`~starlette.applications.Starlette` instance on purpose: BentoML's
-mount asks a Starlette app which paths it serves, so BentoML's own routes (``/``,
-``/docs.json``...) keep working beside it.
+* :class:`DirectRoutesFront` is the outermost layer of the worker's app (installed through
+  ``@bentoml.service(service_class=...)``, :func:`direct_routes_service`): it answers the
+  ``direct`` routes itself, recording BentoML's request metrics under their names, and
+  hands every other request to BentoML's app unchanged.
+* :class:`DirectRoutesApp`, the mounted app, calls the same endpoints without Starlette's
+  layers when a request does come through BentoML's stack (BentoML configured).
+
+Direct endpoints are raw ASGI callables returning the status they sent, and never raise
+(:class:`serve.classify_route.ClassifyEndpoint`). The mounted app stays a
+:class:`~starlette.applications.Starlette` instance on purpose: BentoML's mount asks a
+Starlette app which paths it serves, so BentoML's own routes (``/``, ``/docs.json``...)
+keep working beside it.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
+import bentoml
 from starlette.applications import Starlette
-from starlette.requests import Request
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from serve.auth import ApiKeyMiddleware
+from serve.request_metrics import RequestMetrics
 
 
 class DirectRoutesApp(Starlette):
@@ -29,7 +39,8 @@ class DirectRoutesApp(Starlette):
 
     Args:
         routes: The app's routes (Starlette ``Route`` objects).
-        direct: Paths whose endpoints run directly; they must never raise (guarded).
+        direct: Paths whose endpoints run directly: raw ASGI callables that return the
+            status they sent and never raise.
         **kwargs: Passed to :class:`Starlette`.
     """
 
@@ -45,16 +56,99 @@ class DirectRoutesApp(Starlette):
         if missing:
             raise ValueError(f"direct routes not found among the routes: {sorted(missing)}")
 
+    def endpoint_for(self, scope: Scope) -> Any:
+        """The endpoint of a direct route ``scope`` asks for, else None."""
+        if scope["type"] != "http":
+            return None
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        return self.direct.get((scope["method"], path))
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = None
-        if scope["type"] == "http":
-            path, root = scope["path"], scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root):]
-            endpoint = self.direct.get((scope["method"], path))
+        endpoint = self.endpoint_for(scope)
         if endpoint is None:
             await super().__call__(scope, receive, send)
             return
-        scope["app"] = self
-        response = await endpoint(Request(scope, receive, send))
-        await response(scope, receive, send)
+        await call_direct(self, endpoint, scope, receive, send)
+
+
+async def call_direct(app: Starlette, endpoint: Any, scope: Scope, receive: Receive,
+                      send: Send) -> int:
+    """Run a direct endpoint of ``app`` (raw ASGI); returns the status it sent."""
+    scope["app"] = app
+    return await endpoint(scope, receive, send)
+
+
+class DirectRoutesFront:
+    """Outermost ASGI layer of the served app: the ``direct`` routes are answered here,
+    before BentoML's own stack; every other request goes to BentoML's app unchanged.
+
+    For a small model BentoML's per-request layers (request metrics, tracing, timeout,
+    context, router, mount) cost as much CPU as the model (docs/benchmarks.md, issue 14).
+    What the direct routes still need from them is done here or by the route itself:
+    BentoML's request metrics under their own names (:class:`RequestMetrics`), the API
+    key (:class:`serve.auth.ApiKeyMiddleware`), errors as JSON (the routes are guarded by
+    :func:`serve.http_api.endpoint`, which never raises) and deadlines (the body timeout
+    and the micro-batcher's ``max_latency_ms``).
+
+    With ``access_log`` each answer is logged as BentoML's access log would
+    (``bentoml.access`` logger, same line shape).
+
+    Args:
+        app: BentoML's ASGI app for the service.
+        routes: The mounted app whose direct routes are answered here.
+        api_key: The bearer key every direct route needs (None: open).
+        access_log: Log every direct request.
+    """
+
+    def __init__(self, app: ASGIApp, routes: DirectRoutesApp, api_key: str | None,
+                 access_log: bool = False) -> None:
+        self.app = app
+        self.routes = routes
+        self.auth = ApiKeyMiddleware(app, api_key=api_key) if api_key else None
+        self.access = logging.getLogger("bentoml.access") if access_log else None
+        self.metrics: dict[str, RequestMetrics] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.routes.endpoint_for(scope)
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        metrics = self.metrics.get(scope["path"])
+        if metrics is None:
+            metrics = self.metrics[scope["path"]] = RequestMetrics(scope["path"])
+        start, status = metrics.started(), 500
+        try:
+            if self.auth is not None and not self.auth.allowed(scope):
+                status = 401
+                await self.auth(scope, receive, send)  # answers the 401
+            else:
+                status = await call_direct(self.routes, endpoint, scope, receive, send)
+        finally:
+            metrics.finished(start, status)
+            if self.access is not None:
+                self.log_access(scope, status, start)
+
+    def log_access(self, scope: Scope, status: int, start: float) -> None:
+        """One access-log line, in BentoML's shape."""
+        client = scope.get("client")
+        self.access.info("%s (scheme=%s,method=%s,path=%s) (status=%d) %.3fms",
+                         f"{client[0]}:{client[1]}" if client else "_", scope["scheme"],
+                         scope["method"], scope["path"], status,
+                         (time.perf_counter() - start) * 1000)
+
+
+def direct_routes_service(routes: DirectRoutesApp, api_key: str | None,
+                          access_log: bool = False) -> type[bentoml.Service]:
+    """A :class:`bentoml.Service` class whose app answers ``routes``' direct routes first.
+
+    Pass it as ``@bentoml.service(service_class=...)`` (BentoML's public hook for a
+    service class); the worker builds its app with :meth:`bentoml.Service.to_asgi`.
+    """
+    class DirectRoutesService(bentoml.Service):
+        def to_asgi(self, is_main: bool = True) -> ASGIApp:
+            return DirectRoutesFront(super().to_asgi(is_main=is_main), routes, api_key,
+                                     access_log)
+
+    return DirectRoutesService

@@ -3,8 +3,9 @@
 The routes form a Starlette app mounted on the BentoML service. Each reads its body under
 a deadline (408) and a size cap (413) before it takes a concurrency slot (429), then
 validates it once (strict parsing, bounds on every number, task check → 4xx with
-OpenAI's error object naming the field, :mod:`serve.http_errors`). ``/classify`` then
-hands the model work to a :class:`serve.batcher.MicroBatcher` on this event loop (every
+OpenAI's error object naming the field, :mod:`serve.http_errors`). ``/classify``
+(:mod:`serve.classify_route`, a raw ASGI endpoint with the same checks) then hands the
+model work to a :class:`serve.batcher.MicroBatcher` on this event loop (every
 request that queued while the model ran becomes the next batch, one thread hop per
 batch), whose batch sizes show up in ``/metrics`` as
 ``bentoml_service_adaptive_batch_size``. The batch function is not a BentoML API: no
@@ -32,12 +33,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from serve.batcher import MicroBatcher, Overloaded
+from serve.classify_route import ClassifyEndpoint
 from serve.completion import Completion, refused
 from serve.engine import EngineRefused
 from serve.http_errors import error_response
 from serve.runtimes import GenerationParams, UnsupportedRequest
 from serve.schemas import (
-    ClassifyRequest,
     GenerateItem,
     GenerateRequest,
     GenerateResponse,
@@ -275,19 +276,6 @@ def build_routes(get_backend: Callable[[], Backend]) -> list:
     guard = endpoint(get_backend)
 
     @guard
-    async def classify(request: Request) -> Response:
-        backend = get_backend()
-        req = await backend.parse(request, ClassifyRequest, "/classify", "text-classification",
-                                  "/generate")
-        check_texts("texts", req.texts, backend.limits)
-        texts = await fit_tokens(backend, "texts", req.texts, keep="head")
-        rows = await backend.call("classify_batch", texts=texts)
-        # ClassifyResponse's fields, built as plain dicts: this is the hot path
-        return JSONResponse({"results": [
-            {"label": r["label"], "score": r["score"],
-             "scores": r["scores"] if req.all_scores else None} for r in rows]})
-
-    @guard
     async def generate(request: Request) -> Response:
         backend = get_backend()
         req = await backend.parse(request, GenerateRequest, "/generate", "text-generation",
@@ -315,6 +303,6 @@ def build_routes(get_backend: Callable[[], Backend]) -> list:
     async def metadata(request: Request) -> Response:
         return JSONResponse(without_paths(get_backend().service.metadata()))
 
-    return [Route("/classify", classify, methods=["POST"]),
+    return [Route("/classify", ClassifyEndpoint(get_backend), methods=["POST"]),
             Route("/generate", generate, methods=["POST"]),
             Route("/metadata", metadata, methods=["GET"])]

@@ -89,10 +89,11 @@ class ServeSettings(BaseModel):
         device: ``auto``, ``cpu`` or ``cuda``.
         batching: Adaptive batching on (``MODELPRESS_BATCHING=0`` for the baseline).
         max_batch_size: Largest batch the dispatcher forms (items, not requests).
-        max_latency_ms: Latency budget of a queued request; BentoML answers 503 past it.
+        max_latency_ms: Latency budget of a queued request; 503 past it.
         workers: Server worker processes (each loads the model).
-        timeout_s: Request timeout (504 past it).
-        access_log: Log every request (BentoML access log).
+        timeout_s: Request timeout (504 past it; BentoML's). ``/classify`` is bounded by
+            ``body_timeout_s`` and ``max_latency_ms`` instead (it bypasses BentoML's layers).
+        access_log: Log every request (BentoML's access log).
         max_running: Generation: sequences decoded together per engine step.
         max_kv_tokens: Generation: budget of prompt + max new tokens over running sequences.
         max_waiting: Generation: requests queued for admission before 503s.

@@ -10,10 +10,12 @@ BentoML fixes a service's batching and worker settings at decoration time.
 
 Layout: the public routes (``/classify``, ``/generate``, ``/metadata`` and the
 OpenAI-compatible ``/v1/...``) are a Starlette app mounted on the service; they validate
-input. ``/classify`` then queues its texts on a :class:`serve.batcher.MicroBatcher` on the
-event loop, which runs everything queued while the model was busy as one call of
-``classify_batch`` (``max_batch_size`` texts at most; a request queued longer than
-``max_latency_ms`` gets 503; ``--no-batching``: one request per call); its batch sizes
+input. ``/classify`` is answered before BentoML's per-request layers (:mod:`serve.asgi`,
+:mod:`serve.classify_route`; BentoML's request metrics are still recorded), then queues
+its texts on a :class:`serve.batcher.MicroBatcher` on the event loop, which runs
+everything queued while the model was busy as one call of ``classify_batch``
+(``max_batch_size`` texts at most; a request queued longer than ``max_latency_ms`` gets
+503; ``--no-batching``: one request per call); its batch sizes
 (requests per batch) appear in ``/metrics`` as ``bentoml_service_adaptive_batch_size``.
 Generation routes submit each prompt to the worker's :class:`serve.engine.Engine`
 (continuous batching; its ``modelpress:*`` metrics appear in ``/metrics`` too).
@@ -40,7 +42,7 @@ from typing import Any
 import bentoml
 
 from serve.artifact import load_artifact
-from serve.asgi import DirectRoutesApp
+from serve.asgi import DirectRoutesApp, direct_routes_service
 from serve.auth import ApiKeyMiddleware
 from serve.batcher import MicroBatcher, batch_size_observer
 from serve.engine import Engine, EngineConfig
@@ -66,9 +68,10 @@ if SETTINGS.artifact:
 # sample rate of 0 (nothing is recorded): on /classify they cost more CPU than the model
 # (docs/benchmarks.md). So /classify is not traced, unless BentoML is configured
 # (BENTOML_CONFIG / BENTOML_CONFIG_OPTIONS: where a tracing exporter would be set).
+_BENTOML_CONFIGURED = bool(os.environ.get("BENTOML_CONFIG")
+                           or os.environ.get("BENTOML_CONFIG_OPTIONS"))
 _UNTRACED: dict[str, Any] = (
-    {} if os.environ.get("BENTOML_CONFIG") or os.environ.get("BENTOML_CONFIG_OPTIONS")
-    else {"tracing": {"excluded_urls": [r"://[^/]*/classify$"]}})
+    {} if _BENTOML_CONFIGURED else {"tracing": {"excluded_urls": [r"://[^/]*/classify$"]}})
 
 
 def start_engine(runtime: Any, settings: ServeSettings) -> Engine:
@@ -133,6 +136,10 @@ http_app = DirectRoutesApp([*_ROUTES, *fallback_routes(["/v1", "/_batch"], _ROUT
     # still in flight on it (they fail): keep one session for the worker's lifetime.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
     logging={"access": {"enabled": SETTINGS.access_log}},
+    # /classify answered before BentoML's per-request layers (serve.asgi), unless BentoML
+    # is configured (tracing, CORS or metrics settings would then apply to it too).
+    service_class=(bentoml.Service if _BENTOML_CONFIGURED else direct_routes_service(
+        http_app, SETTINGS.api_key, SETTINGS.access_log)),
     **_UNTRACED,
 )
 @bentoml.asgi_app(http_app, path="/")

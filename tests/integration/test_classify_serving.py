@@ -74,6 +74,40 @@ def test_no_batching_runs_each_request_alone_and_keeps_bentoml_routes(onnx_class
         handle.stop()
 
 
+def _classify_series(metrics: str) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.labels.get("endpoint") == "/classify" and sample.name in (
+                    "bentoml_service_request_total",
+                    "bentoml_service_request_duration_seconds_count",
+                    "bentoml_service_request_in_progress"):
+                key = (sample.name, sample.labels.get("http_response_code", ""))
+                found[key] = found.get(key, 0.0) + sample.value
+    return found
+
+
+def test_classify_request_metrics_count_every_answer_by_status(onnx_classifier, bentoml_env):
+    # /classify is answered before BentoML's middleware (serve.asgi.DirectRoutesFront):
+    # BentoML's request series must still count each answer once, by status.
+    handle = start_server(onnx_classifier, env=bentoml_env, access_log=False)
+    try:
+        good = [{"texts": [t]} for t in TEXTS] * 2
+        bad = [{"texts": []}, {"texts": ["a"], "extra": 1}, {"text": "a"}]
+        responses = asyncio.run(_post_all(f"{handle.url}/classify", good + bad))
+        assert [r.status_code for r in responses] == [200] * len(good) + [400] * len(bad)
+        series = _classify_series(httpx.get(f"{handle.url}/metrics").text)
+        total, count = "bentoml_service_request_total", (
+            "bentoml_service_request_duration_seconds_count")
+        assert series[(total, "200")] == series[(count, "200")] == len(good)
+        assert series[(total, "400")] == series[(count, "400")] == len(bad)
+        assert series[("bentoml_service_request_in_progress", "")] == 0
+    finally:
+        handle.stop()
+
+
 def test_reference_server_answers_like_the_runtime(onnx_classifier, offline, tmp_path):
     with running("reference", onnx_classifier, 8, tmp_path) as url:
         r = httpx.post(f"{url}/classify", json={"texts": TEXTS})
