@@ -34,6 +34,7 @@ from compress.stages.gguf_rows import BLOCK, IMPORTED_TYPES, RowBank
 
 log = logging.getLogger(__name__)
 
+
 def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4,
                        types: tuple[str, ...] = IMPORTED_TYPES,
                        fuse: bool = True, node_sums: bool = True) -> dict[str, Any]:
