@@ -88,9 +88,9 @@ class DirectRoutesFront:
     context, router, mount) cost as much CPU as the model (docs/benchmarks.md, issue 14).
     What the direct routes still need from them is done here or by the route itself:
     BentoML's request metrics under their own names (:class:`RequestMetrics`), the API
-    key (:class:`serve.auth.ApiKeyMiddleware`), errors as JSON (the routes are guarded by
-    :func:`serve.http_api.endpoint`, which never raises) and deadlines (the body timeout
-    and the micro-batcher's ``max_latency_ms``).
+    key (:class:`serve.auth.ApiKeyMiddleware`), errors as JSON (a direct endpoint such as
+    :class:`serve.classify_route.ClassifyEndpoint` answers every error itself and never
+    raises) and deadlines (the body timeout and the micro-batcher's ``max_latency_ms``).
 
     With ``access_log`` each answer is logged as BentoML's access log would
     (``bentoml.access`` logger, same line shape).
