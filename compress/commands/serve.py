@@ -32,6 +32,11 @@ def command(
         help="Inputs over --max-input-tokens: truncate or reject.")] = "truncate",
     max_new_tokens: Annotated[int, typer.Option(
         help="Cap on max_new_tokens / max_tokens.")] = 256,
+    max_body_bytes: Annotated[int, typer.Option(
+        help="Request body size (413 past it).")] = 1_048_576,
+    body_timeout_s: Annotated[float, typer.Option(
+        help="Longest time to receive a request body (408 past it; slow clients hold "
+             "no slot meanwhile).")] = 30.0,
     max_running: Annotated[int, typer.Option(
         help="Generation: sequences decoded together per engine step.")] = 32,
     max_kv_tokens: Annotated[int, typer.Option(
@@ -66,7 +71,8 @@ def command(
             max_waiting=max_waiting, queue_timeout_s=queue_timeout_s, api_key=api_key,
             limits=Limits(max_items=max_items, max_input_tokens=max_input_tokens,
                           long_input=long_input, max_new_tokens=max_new_tokens,
-                          max_concurrency=max_concurrency))
+                          max_concurrency=max_concurrency, max_body_bytes=max_body_bytes,
+                          body_timeout_s=body_timeout_s))
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ModelpressError(f"--{str(err['loc'][-1]).replace('_', '-')}: "

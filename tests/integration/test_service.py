@@ -512,6 +512,31 @@ def test_cli_serves_in_foreground_and_stops_on_sigterm(classifier, bentoml_env):
         httpx.get(f"{url}/livez", timeout=2)
 
 
+def test_cli_body_limits(classifier, bentoml_env):
+    result = run_cli("serve", str(classifier), "--body-timeout-s", "0", timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("error: --body-timeout-s: "), lines
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from compress.cli import main; main()", "serve",
+         str(classifier), "--port", str(port), "--max-body-bytes", "200",
+         "--body-timeout-s", "7.5", "--no-access-log"],
+        cwd=ROOT, env=bentoml_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url, timeout=120)
+        limits = httpx.get(f"{url}/metadata").json()["serving"]["limits"]
+        assert (limits["max_body_bytes"], limits["body_timeout_s"]) == (200, 7.5)
+        assert httpx.post(f"{url}/classify", json={"texts": ["a good story"]}).status_code == 200
+        r = httpx.post(f"{url}/classify", json={"texts": ["a good story " * 20]})
+        assert r.status_code == 413 and r.json()["error"]["message"].startswith("body: ")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
 def test_import_service_pulls_in_neither_compress_nor_peft(bentoml_env):
     code = ("import sys, serve.service; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('compress', 'peft')); "
