@@ -249,6 +249,9 @@ class Engine:
             self.metrics.prompt_tokens.inc(len(head.prompt_ids))
             self.metrics.running.set(len(self._running))
             self._emit(head, head.sampler(logits), step)
+            # its first token goes out now, not after the other admissions' prefills
+            self._deliver(step)
+            step.clear()
 
     def _decode(self, step: Events) -> None:
         batch = [s for s in self._running if not s.finished]

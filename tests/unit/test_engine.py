@@ -157,6 +157,45 @@ def test_abort_frees_the_slot_within_one_step(lms):
     assert after_abort <= 1  # at most the step already under way when it was aborted
 
 
+class _TimedPrefillLM(_SlowLM):
+    """A real step LM whose prefills take 30 ms and record when they start."""
+
+    def __init__(self, lm) -> None:
+        super().__init__(lm)
+        self.prefill_starts: list[float] = []
+
+    def prefill(self, slot, ids):
+        self.prefill_starts.append(time.monotonic())
+        time.sleep(0.03)
+        return self.lm.prefill(slot, ids)
+
+
+def test_first_token_leaves_before_the_other_admissions_prefill(lms):
+    # A burst admitted in one step: each request's first token is delivered after its own
+    # prefill, not after every prefill of the step (time to first token under load).
+    runtime = lms["genai-fp32"]
+    prompts = _prompts(82)
+
+    async def main():
+        lm = _TimedPrefillLM(runtime.step_lm())
+        engine = Engine(lm, set(), EngineConfig(max_running=8))
+        try:
+            blocker = engine.submit(prompts[0], GenerationParams(max_new_tokens=40))
+            await blocker.queue.get()  # running: its 50 ms decode steps hold the engine
+            burst = [engine.submit(p, GenerationParams(max_new_tokens=3)) for p in prompts[1:]]
+            results = await asyncio.gather(*(_collect(s) for s in burst))
+            await _collect(blocker)
+        finally:
+            engine.close()
+        return results, lm.prefill_starts
+
+    results, starts = asyncio.run(main())
+    assert [len(tokens) for tokens, _, _ in results] == [3] * (len(prompts) - 1)
+    burst_starts = starts[1:]  # starts[0]: the blocker
+    assert burst_starts[-1] - burst_starts[0] < 0.04 * len(burst_starts)  # one admission pass
+    assert results[0][2][0] < burst_starts[-1]  # the first one's token left before the last
+
+
 def test_queue_deadline_refuses_with_503_and_the_fifo_head_is_served(lms):
     runtime = lms["genai-fp32"]
 
