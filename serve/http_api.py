@@ -50,7 +50,7 @@ from serve.schemas import (
     parse_body,
 )
 from serve.sse import EventStreamResponse, sse, streaming_response
-from serve.token_limits import check_room, fit_tokens
+from serve.token_limits import check_room, fit_prompts
 
 if TYPE_CHECKING:
     from serve.service import Modelpress
@@ -288,9 +288,9 @@ def build_routes(get_backend: Callable[[], Backend]) -> list:
         if req.stream and len(req.prompts) != 1:
             raise RequestError(f"prompts: streaming needs exactly one prompt, got "
                                f"{len(req.prompts)}")
-        prompts = await fit_tokens(backend, "prompts", req.prompts, keep="tail")
+        prompts = await fit_prompts(backend, "prompts", req.prompts, keep="tail")
         await check_room(backend, "max_new_tokens", "prompts", prompts, max_new)
-        items = [GenerateItem(prompt=p, max_new_tokens=max_new,
+        items = [GenerateItem(prompt=p.text, prompt_ids=p.ids, max_new_tokens=max_new,
                               temperature=req.temperature, top_p=req.top_p, stop=req.stop,
                               seed=req.seed) for p in prompts]
         if req.stream:

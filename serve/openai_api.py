@@ -35,7 +35,7 @@ from serve.schemas import (
     check_texts,
 )
 from serve.sse import sse
-from serve.token_limits import check_room, check_room_count, context_length, fit_tokens
+from serve.token_limits import check_room, check_room_count, context_length, fit_prompts
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +219,13 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
         req.check("/v1/completions")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         check_texts("prompt", prompts, backend.limits)
-        prompts = await fit_tokens(backend, "prompt", prompts, keep="tail")
+        fitted = await fit_prompts(backend, "prompt", prompts, keep="tail")
         max_tokens = req.max_tokens or min(16, backend.limits.max_new_tokens)  # OpenAI: 16
-        items = [_item(backend, p, req, max_tokens) for p in prompts]
-        await check_room(backend, "max_tokens", "prompt", prompts, max_tokens,
+        items = [_item(backend, p.text, req, max_tokens) for p in fitted]
+        await check_room(backend, "max_tokens", "prompt", fitted, max_tokens,
                          listed=not isinstance(req.prompt, str))
+        for item, prompt in zip(items, fitted, strict=True):  # ids counted by either check
+            item.prompt_ids = prompt.ids
         ident, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name(backend)
         if req.stream:
             if len(items) != 1:

@@ -51,21 +51,13 @@ class GenaiRuntime:
         if device == "cuda" and built_for != "cuda":
             raise ArtifactError(f"{self.path}: built for the CPU execution provider; "
                                 "rebuild the variant for cuda")
+        self._model: Any = None  # og.Model, loaded by the first offline generation
+        self._model_lock = threading.Lock()
         try:
-            from serve.runtime_onnx import ort_threads
-
-            config = og.Config(str(self.path))
-            # onnxruntime-genai's own default ran one intra-op thread here (measured: 120
-            # vs 150 tok/s at 2 on SmolLM2 int4); same thread count as every ORT session
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": ort_threads()}}}}))
-            config.clear_providers()
-            if self.device == "cuda":
-                config.append_provider("cuda")
-            self.model = og.Model(config)
+            self._config = self._genai_config()
         except Exception as exc:  # onnxruntime-genai raises RuntimeError/OSError
-            raise ArtifactError(f"{self.path}: onnxruntime-genai cannot load the model "
-                                f"({str(exc).splitlines()[0][:300]})") from None
+            raise ArtifactError(f"{self.path}: onnxruntime-genai cannot read the model's "
+                                f"config ({str(exc).splitlines()[0][:300]})") from None
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.context_length = int(genai["context_length"])
         self.max_length = self.context_length
@@ -75,6 +67,44 @@ class GenaiRuntime:
         self.eos_ids = frozenset(self._eos)
         log.info("loaded %s (onnx-genai, %s) on %s", self.path, manifest.precision,
                  self.device)
+
+    def _genai_config(self) -> Any:
+        from serve.runtime_onnx import ort_threads
+
+        config = self._og.Config(str(self.path))
+        # onnxruntime-genai's own default ran one intra-op thread here (measured: 120
+        # vs 150 tok/s at 2 on SmolLM2 int4); same thread count as every ORT session
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": ort_threads()}}}}))
+        config.clear_providers()
+        if self.device == "cuda":
+            config.append_provider("cuda")
+        return config
+
+    @property
+    def model(self) -> Any:
+        """The ``og.Model`` of the offline path (generate, stream, log-probs), loaded on
+        first use: a server runs only :meth:`step_lm`'s session, so it holds the weights
+        once (SmolLM2 worker RSS: fp32 1754 -> 1107 MiB, int4 747 -> 610, docs/benchmarks.md).
+
+        Raises:
+            ArtifactError: onnxruntime-genai cannot load the model.
+        """
+        with self._model_lock:
+            if self._model is None:
+                try:
+                    self._model = self._og.Model(self._config)
+                except Exception as exc:  # onnxruntime-genai raises RuntimeError/OSError
+                    raise ArtifactError(f"{self.path}: onnxruntime-genai cannot load the "
+                                        f"model ({str(exc).splitlines()[0][:300]})") from None
+                log.info("loaded %s's onnxruntime-genai model (offline generation)",
+                         self.path)
+            return self._model
+
+    @property
+    def generation_model_loaded(self) -> bool:
+        """Whether the offline path's ``og.Model`` has been loaded (see :attr:`model`)."""
+        return self._model is not None
 
     def step_lm(self) -> Any:
         """A step-level view of this model for the serving engine (its own ORT session).

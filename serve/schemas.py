@@ -189,8 +189,9 @@ class GenerateRequest(_Strict):
 class GenerateItem(BaseModel):
     """One prompt with its decoding settings, the unit the engine runs.
 
-    ``prompt_ids``: the prompt's token ids when the route tokenized it itself (chat);
-    otherwise the prompt is tokenized as the model sees it (special tokens included).
+    ``prompt_ids``: the prompt's token ids when the route tokenized it itself (chat, or a
+    prompt counted for the token limits); otherwise the prompt is tokenized as the model
+    sees it (special tokens included) when it is submitted.
     """
 
     prompt: str

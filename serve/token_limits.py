@@ -2,11 +2,15 @@
 prompt leaves for ``max_new_tokens`` in the model's context.
 
 Counting tokens takes the model lock (tokenizers are not safe to share across threads),
-so texts that are provably short enough by their UTF-8 length are never tokenized.
+so texts that are provably short enough by their UTF-8 length are never tokenized. A
+prompt that is counted keeps its token ids (:class:`Prompt`), which the engine then runs:
+a generation prompt is tokenized at most once per request (truncation's search aside).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from serve.schemas import RequestError
@@ -19,17 +23,58 @@ if TYPE_CHECKING:
 _SPECIALS = 4
 
 
-def _truncate(runtime: Any, text: str, limit: int, keep: str) -> str:
-    """Longest head (or tail) of ``text`` with at most ``limit`` tokens (binary search)."""
-    lo, hi = 0, len(text)
+@dataclass
+class Prompt:
+    """A prompt after the token limits: its text and, if it was tokenized to be counted,
+    its token ids as the model sees them (special tokens included), for the engine."""
+
+    text: str
+    ids: list[int] | None = None
+
+
+Tokenize = Callable[[str], Sequence[int]]
+
+
+def _truncate(tokenize: Tokenize, text: str, limit: int,
+              keep: str) -> tuple[str, Sequence[int]]:
+    """Longest head (or tail) of ``text`` with at most ``limit`` tokens (binary search),
+    with its tokens."""
+    lo, hi, best = 0, len(text), None
     while lo < hi:
         mid = (lo + hi + 1) // 2
         part = text[:mid] if keep == "head" else text[len(text) - mid:]
-        if runtime.count_tokens(part) <= limit:
-            lo = mid
+        ids = tokenize(part)
+        if len(ids) <= limit:
+            lo, best = mid, ids
         else:
             hi = mid - 1
-    return text[:lo] if keep == "head" else text[len(text) - lo:]
+    part = text[:lo] if keep == "head" else text[len(text) - lo:]
+    return part, tokenize(part) if best is None else best
+
+
+async def _fit(backend: Backend, field: str, texts: list[str], keep: str,
+               tokenize: Tokenize) -> list[tuple[str, Sequence[int] | None]]:
+    limits = backend.limits
+    limit = limits.max_input_tokens
+    out: list[tuple[str, Sequence[int] | None]] = []
+    for i, text in enumerate(texts):
+        if len(text.encode("utf-8")) + _SPECIALS <= limit:
+            out.append((text, None))
+            continue
+        ids = await backend.run_locked(tokenize, text)
+        if len(ids) <= limit:
+            out.append((text, ids))
+            continue
+        if limits.long_input == "reject":
+            raise RequestError(f"{field}[{i}]: {len(ids)} tokens, more than the limit of "
+                               f"{limit}", 413)
+        out.append(await backend.run_locked(_truncate, tokenize, text, limit, keep))
+    return out
+
+
+def _count_only(runtime: Any) -> Tokenize:
+    """``runtime.count_tokens`` as a stand-in token sequence of that length."""
+    return lambda text: range(runtime.count_tokens(text))
 
 
 async def fit_tokens(backend: Backend, field: str, texts: list[str], keep: str) -> list[str]:
@@ -38,19 +83,20 @@ async def fit_tokens(backend: Backend, field: str, texts: list[str], keep: str) 
     Raises:
         RequestError: 413 naming ``field[i]`` when the limits say ``long_input: reject``.
     """
-    limits, runtime = backend.limits, backend.runtime
-    limit = limits.max_input_tokens
-    out = list(texts)
-    for i, text in enumerate(texts):
-        if len(text.encode("utf-8")) + _SPECIALS <= limit:
-            continue
-        n = await backend.run_locked(runtime.count_tokens, text)
-        if n <= limit:
-            continue
-        if limits.long_input == "reject":
-            raise RequestError(f"{field}[{i}]: {n} tokens, more than the limit of {limit}", 413)
-        out[i] = await backend.run_locked(_truncate, runtime, text, limit, keep)
-    return out
+    fitted = await _fit(backend, field, texts, keep, _count_only(backend.runtime))
+    return [text for text, _ in fitted]
+
+
+async def fit_prompts(backend: Backend, field: str, texts: list[str],
+                      keep: str) -> list[Prompt]:
+    """:func:`fit_tokens` for generation prompts, tokenized with ``backend.encode`` (the
+    engine's ids): each counted prompt keeps its ids.
+
+    Raises:
+        RequestError: 413 naming ``field[i]`` when the limits say ``long_input: reject``.
+    """
+    fitted = await _fit(backend, field, texts, keep, backend.encode)
+    return [Prompt(text, None if ids is None else list(ids)) for text, ids in fitted]
 
 
 def context_length(runtime: Any) -> int | None:
@@ -66,8 +112,8 @@ async def prompt_room(backend: Backend, prompt: str) -> int | None:
     return context - await backend.run_locked(backend.runtime.count_tokens, prompt)
 
 
-async def check_room(backend: Backend, field: str, prompts_field: str, prompts: list[str],
-                     max_new_tokens: int, listed: bool = True) -> None:
+async def check_room(backend: Backend, field: str, prompts_field: str,
+                     prompts: list[Prompt], max_new_tokens: int, listed: bool = True) -> None:
     """Refuse a prompt that leaves no room for ``max_new_tokens`` in the model's context.
 
     OpenAI answers such a request with a 400 too; the runtime would refuse it (never cut
@@ -77,7 +123,8 @@ async def check_room(backend: Backend, field: str, prompts_field: str, prompts: 
         backend: The running service.
         field: The request's name for the completion length (``max_tokens``...).
         prompts_field: The request's name for the prompts, for the message.
-        prompts: The prompts (after ``fit_tokens``).
+        prompts: The prompts (after :func:`fit_prompts`); one tokenized here keeps its
+            ids.
         max_new_tokens: The requested completion length.
         listed: Name prompts ``prompts_field[i]`` (else just ``prompts_field``).
 
@@ -90,11 +137,12 @@ async def check_room(backend: Backend, field: str, prompts_field: str, prompts: 
     check_room_count(context, field, prompts_field, 0, max_new_tokens)
     for i, prompt in enumerate(prompts):
         # a token spans at least one UTF-8 byte, a SentencePiece word marker aside
-        if 2 * len(prompt.encode("utf-8")) + _SPECIALS + max_new_tokens <= context:
+        if 2 * len(prompt.text.encode("utf-8")) + _SPECIALS + max_new_tokens <= context:
             continue
-        n = await backend.run_locked(backend.runtime.count_tokens, prompt)
+        if prompt.ids is None:
+            prompt.ids = await backend.run_locked(backend.encode, prompt.text)
         check_room_count(context, field, f"{prompts_field}[{i}]" if listed else prompts_field,
-                         n, max_new_tokens)
+                         len(prompt.ids), max_new_tokens)
 
 
 def check_room_count(context: int | None, field: str, prompt_name: str, n: int,
