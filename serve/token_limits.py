@@ -104,14 +104,6 @@ def context_length(runtime: Any) -> int | None:
     return getattr(runtime, "context_length", None) or getattr(runtime, "max_length", None)
 
 
-async def prompt_room(backend: Backend, prompt: str) -> int | None:
-    """Tokens left for the completion after ``prompt`` (None: context length unknown)."""
-    context = context_length(backend.runtime)
-    if not context:
-        return None
-    return context - await backend.run_locked(backend.runtime.count_tokens, prompt)
-
-
 async def check_room(backend: Backend, field: str, prompts_field: str,
                      prompts: list[Prompt], max_new_tokens: int, listed: bool = True) -> None:
     """Refuse a prompt that leaves no room for ``max_new_tokens`` in the model's context.
