@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import Receive, Scope, Send
 
+from serve.errors import ModelpressError
 from serve.http_errors import error_body
 from serve.schemas import ClassifyRequest, Limits, RequestError, check_texts, parse_body
 from serve.token_limits import fit_tokens
@@ -97,7 +98,10 @@ class ClassifyEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> int:
         try:
-            backend = self.get_backend()
+            try:
+                backend = self.get_backend()
+            except ModelpressError as exc:  # not initialised yet: come back
+                raise RequestError(f"service: {exc}; retry later", 503) from None
             body = await read_raw_body(scope, receive, backend.limits)
             if backend.in_flight >= backend.cap:
                 raise RequestError(f"too many requests in flight ({backend.cap}, "

@@ -16,7 +16,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from serve.asgi import DirectRoutesApp, DirectRoutesFront, direct_routes_service
-from serve.classify_route import read_raw_body, send_json
+from serve.classify_route import ClassifyEndpoint, read_raw_body, send_json
+from serve.errors import ModelpressError
 from serve.schemas import Limits, RequestError
 
 
@@ -94,6 +95,20 @@ def test_unserialisable_answer_is_a_500_error_object():
     status, sent = _answer(200, {"score": float("nan")})
     assert status == 500 and sent[0]["status"] == 500
     assert json.loads(sent[1]["body"])["error"]["type"] == "server_error"
+
+
+def test_classify_before_start_up_is_a_503_not_a_crash():
+    def not_ready():
+        raise ModelpressError("service is not initialised yet")
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+    status = asyncio.run(ClassifyEndpoint(not_ready)(
+        _scope(), _receiver({"type": "http.request", "body": b"{}"}), send))
+    assert status == sent[0]["status"] == 503
+    assert dict(sent[0]["headers"])[b"retry-after"] == b"1"
+    assert json.loads(sent[1]["body"])["error"]["message"].startswith("service: ")
 
 
 class _Echo:
