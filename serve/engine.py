@@ -45,12 +45,17 @@ class EngineConfig:
         max_kv_tokens: Budget over running sequences of prompt + max new tokens.
         max_waiting: Requests queued for admission; more are refused at once (503).
         queue_timeout_s: Longest wait for admission before a 503 with ``Retry-After``.
+        max_prefill_tokens: Prompt tokens prefilled in one step before the running
+            sequences decode again (as vLLM's ``max_num_batched_tokens`` bounds a step): a
+            burst of long prompts does not stall every running stream until all are in.
+            One prompt per step is always admitted, however long.
     """
 
     max_running: int = 32
     max_kv_tokens: int = 32_768
     max_waiting: int = 256
     queue_timeout_s: float = 30.0
+    max_prefill_tokens: int = 2048
 
 
 class EngineRefused(Exception):
@@ -231,12 +236,15 @@ class Engine:
             self.metrics.waiting.set(len(self._waiting))
 
     def _admit(self, step: Events) -> None:
+        prefilled = 0
         while True:
             with self._cond:
                 used = sum(s.need for s in self._running)
                 head = self._waiting[0] if self._waiting else None
                 if (head is None or len(self._running) >= self.config.max_running
-                        or used + head.need > self.config.max_kv_tokens):
+                        or used + head.need > self.config.max_kv_tokens
+                        or (prefilled and prefilled + len(head.prompt_ids)
+                            > self.config.max_prefill_tokens)):
                     self.metrics.waiting.set(len(self._waiting))
                     return
                 self._waiting.popleft()
@@ -246,6 +254,7 @@ class Engine:
             self.metrics.queue_time.observe(now - head.arrived)
             self._running.append(head)  # before prefill: a failure there ends it too
             logits = self.lm.prefill(head.id, head.prompt_ids)
+            prefilled += len(head.prompt_ids)
             self.metrics.prompt_tokens.inc(len(head.prompt_ids))
             self.metrics.running.set(len(self._running))
             self._emit(head, head.sampler(logits), step)

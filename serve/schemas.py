@@ -98,6 +98,8 @@ class ServeSettings(BaseModel):
         max_kv_tokens: Generation: budget of prompt + max new tokens over running sequences.
         max_waiting: Generation: requests queued for admission before 503s.
         queue_timeout_s: Generation: longest wait for admission (503 with Retry-After).
+        max_prefill_tokens: Generation: prompt tokens prefilled per engine step before the
+            running sequences decode again.
         api_key: When set, every route but the health checks and ``/metrics`` needs
             ``Authorization: Bearer <api_key>`` (``MODELPRESS_API_KEY``).
         limits: Per-request caps.
@@ -117,6 +119,7 @@ class ServeSettings(BaseModel):
     max_kv_tokens: int = Field(65_536, ge=1)
     max_waiting: int = Field(256, ge=1)
     queue_timeout_s: float = Field(30.0, gt=0)
+    max_prefill_tokens: int = Field(2048, ge=1)
     api_key: str = Field("", repr=False)
     limits: Limits = Field(default_factory=Limits)
 

@@ -79,11 +79,13 @@ def start_engine(runtime: Any, settings: ServeSettings) -> Engine:
     config = EngineConfig(max_running=settings.max_running,
                           max_kv_tokens=settings.max_kv_tokens,
                           max_waiting=settings.max_waiting,
-                          queue_timeout_s=settings.queue_timeout_s)
+                          queue_timeout_s=settings.queue_timeout_s,
+                          max_prefill_tokens=settings.max_prefill_tokens)
     engine = Engine(runtime.step_lm(), set(runtime.eos_ids), config)
     log.info("generation engine: max_running=%d max_kv_tokens=%d max_waiting=%d "
-             "queue_timeout_s=%g", config.max_running, config.max_kv_tokens,
-             config.max_waiting, config.queue_timeout_s)
+             "queue_timeout_s=%g max_prefill_tokens=%d", config.max_running,
+             config.max_kv_tokens, config.max_waiting, config.queue_timeout_s,
+             config.max_prefill_tokens)
     return engine
 
 
@@ -186,7 +188,8 @@ class Modelpress:
                             "engine": ({"max_running": SETTINGS.max_running,
                                         "max_kv_tokens": SETTINGS.max_kv_tokens,
                                         "max_waiting": SETTINGS.max_waiting,
-                                        "queue_timeout_s": SETTINGS.queue_timeout_s}
+                                        "queue_timeout_s": SETTINGS.queue_timeout_s,
+                                        "max_prefill_tokens": SETTINGS.max_prefill_tokens}
                                        if self.engine is not None else None),
                             "limits": SETTINGS.limits.model_dump()}}
 

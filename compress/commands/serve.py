@@ -45,6 +45,9 @@ def command(
         help="Generation: requests waiting for admission before 503s.")] = 256,
     queue_timeout_s: Annotated[float, typer.Option(
         help="Generation: longest wait for admission (503 with Retry-After).")] = 30.0,
+    max_prefill_tokens: Annotated[int, typer.Option(
+        help="Generation: prompt tokens prefilled per engine step before the running "
+             "streams decode again.")] = 2048,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
     api_key: Annotated[str, typer.Option(
@@ -69,6 +72,7 @@ def command(
             max_batch_size=max_batch_size, max_latency_ms=max_latency_ms, workers=workers,
             access_log=access_log, max_running=max_running, max_kv_tokens=max_kv_tokens,
             max_waiting=max_waiting, queue_timeout_s=queue_timeout_s, api_key=api_key,
+            max_prefill_tokens=max_prefill_tokens,
             limits=Limits(max_items=max_items, max_input_tokens=max_input_tokens,
                           long_input=long_input, max_new_tokens=max_new_tokens,
                           max_concurrency=max_concurrency, max_body_bytes=max_body_bytes,

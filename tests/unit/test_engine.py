@@ -158,16 +158,21 @@ def test_abort_frees_the_slot_within_one_step(lms):
 
 
 class _TimedPrefillLM(_SlowLM):
-    """A real step LM whose prefills take 30 ms and record when they start."""
+    """A real step LM whose prefills take 30 ms; records when prefills and decodes start."""
 
     def __init__(self, lm) -> None:
         super().__init__(lm)
         self.prefill_starts: list[float] = []
+        self.decode_starts: list[float] = []
 
     def prefill(self, slot, ids):
         self.prefill_starts.append(time.monotonic())
         time.sleep(0.03)
         return self.lm.prefill(slot, ids)
+
+    def decode(self, slots, tokens):
+        self.decode_starts.append(time.monotonic())
+        return super().decode(slots, tokens)
 
 
 def test_first_token_leaves_before_the_other_admissions_prefill(lms):
@@ -194,6 +199,36 @@ def test_first_token_leaves_before_the_other_admissions_prefill(lms):
     burst_starts = starts[1:]  # starts[0]: the blocker
     assert burst_starts[-1] - burst_starts[0] < 0.04 * len(burst_starts)  # one admission pass
     assert results[0][2][0] < burst_starts[-1]  # the first one's token left before the last
+
+
+@pytest.mark.parametrize("budget", [12, 2048])
+def test_prefill_token_budget_lets_running_streams_decode_between_admissions(lms, budget):
+    # burst prompts of 9, 3, 12, 7, 20 tokens: a 12-token budget admits them over four
+    # steps (9+3 | 12 | 7 | 20), with the running stream decoding in between; the default
+    # admits them in one pass
+    runtime = lms["genai-fp32"]
+    prompts = _prompts(82)
+
+    async def main():
+        lm = _TimedPrefillLM(runtime.step_lm())
+        engine = Engine(lm, set(), EngineConfig(max_running=8, max_prefill_tokens=budget))
+        try:
+            blocker = engine.submit(prompts[0], GenerationParams(max_new_tokens=40))
+            await blocker.queue.get()
+            burst = [engine.submit(p, GenerationParams(max_new_tokens=3)) for p in prompts[1:]]
+            results = await asyncio.gather(*(_collect(s) for s in burst))
+            await _collect(blocker)
+        finally:
+            engine.close()
+        return results, lm.prefill_starts[1:], lm.decode_starts
+
+    results, starts, decodes = asyncio.run(main())
+    assert [len(tokens) for tokens, _, _ in results] == [3] * (len(prompts) - 1)
+    between = [t for t in decodes if starts[0] < t < starts[-1]]
+    if budget == 12:
+        assert len(between) == 3, (starts, decodes)  # one decode after each admission step
+    else:
+        assert between == []
 
 
 def test_queue_deadline_refuses_with_503_and_the_fifo_head_is_served(lms):
