@@ -11,7 +11,7 @@ from compress.models import sample_texts
 from serve.artifact import load_artifact
 from serve.runtimes import GenerationParams, load_runtime
 from tests.conftest import run_cli
-from tests.unit.variant_fixtures import run, write_texts
+from tests.unit.variant_fixtures import run, run_lm_variants, write_texts
 
 LM_VARIANTS = ["onnx-fp32", "onnx-int8", "onnx-int4", "genai-fp32", "genai-int8",
                "genai-int4", "torch-nf4"]
@@ -20,25 +20,17 @@ LM_VARIANTS = ["onnx-fp32", "onnx-int8", "onnx-int4", "genai-fp32", "genai-int8"
 @pytest.fixture(scope="module")
 def lm(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("export-lm")
-    write_texts(root / "eval.jsonl", 12, labels=False)
-    return run(f"""
-name: lm
-task: text-generation
-base: {{path: {tiny["llama"]}}}
-adapters: [{{path: {tiny["llama-lora"]}}}]
-data: {{eval: {{path: eval.jsonl, label: null}}}}
-gates: {{min_agreement: 0.3, max_metric_drop: 1.0}}
-variants:
-  - {{name: onnx-fp32, kind: export}}
-  - {{name: onnx-int8, kind: quantize, method: int8-dynamic}}
-  - {{name: onnx-int4, kind: quantize, method: int4-weight-only, block_size: 16}}
-  - {{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}}
-  - {{name: genai-int8, kind: export, format: onnx-genai, precision: int8}}
-  - {{name: genai-int4, kind: export, format: onnx-genai, precision: int4, block_size: 16}}
-  - {{name: torch-nf4, kind: quantize, method: nf4}}
-  - {{name: static-lm, kind: quantize, method: int8-static}}
-  - {{name: genai-fp16-cpu, kind: export, format: onnx-genai, precision: fp16}}
-""", root)
+    return run_lm_variants(tiny, root, [
+        "{name: onnx-fp32, kind: export}",
+        "{name: onnx-int8, kind: quantize, method: int8-dynamic}",
+        "{name: onnx-int4, kind: quantize, method: int4-weight-only, block_size: 16}",
+        "{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}",
+        "{name: genai-int8, kind: export, format: onnx-genai, precision: int8}",
+        "{name: genai-int4, kind: export, format: onnx-genai, precision: int4, block_size: 16}",
+        "{name: torch-nf4, kind: quantize, method: nf4}",
+        "{name: static-lm, kind: quantize, method: int8-static}",
+        "{name: genai-fp16-cpu, kind: export, format: onnx-genai, precision: fp16}",
+    ], eval_texts=12)
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,14 @@ def run(recipe_text: str, root: Path):
     return out, {r.name: r for r in records}
 
 
-def build_lm_variants(tiny: dict[str, Path], root: Path, variants: list[str]) -> Path:
+def run_lm_variants(tiny: dict[str, Path], root: Path, variants: list[str],
+                    eval_texts: int = 8):
     """The tiny Llama + LoRA merged (``merge``, torch fp32) and the given variant lines
-    (YAML flow mappings) built under ``root``; returns the artifacts folder."""
-    write_texts(root / "eval.jsonl", 8, labels=False)
+    (YAML flow mappings) built under ``root``, evaluated on ``eval_texts`` tiny texts;
+    returns (artifacts folder, records by name)."""
+    write_texts(root / "eval.jsonl", eval_texts, labels=False)
     lines = "".join(f"  - {v}\n" for v in variants)
-    out, _ = run(f"""
+    return run(f"""
 name: lm
 task: text-generation
 base: {{path: {tiny["llama"]}}}
@@ -47,4 +49,8 @@ data: {{eval: {{path: eval.jsonl, label: null}}}}
 gates: {{min_agreement: 0.3, max_metric_drop: 1.0}}
 variants:
 {lines}""", root)
-    return out
+
+
+def build_lm_variants(tiny: dict[str, Path], root: Path, variants: list[str]) -> Path:
+    """:func:`run_lm_variants` with 8 eval texts; returns the artifacts folder."""
+    return run_lm_variants(tiny, root, variants)[0]
