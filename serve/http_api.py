@@ -29,11 +29,11 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serve.batcher import MicroBatcher, Overloaded
-from serve.classify_route import ClassifyEndpoint
+from serve.classify_route import ClassifyEndpoint, read_raw_body
 from serve.completion import Completion, refused
 from serve.engine import EngineRefused
 from serve.http_errors import error_response
@@ -191,30 +191,9 @@ def to_params(item: GenerateItem) -> GenerationParams:
 
 async def read_body(request: Request, limits: Limits) -> bytes:
     """Read the body within ``body_timeout_s`` (408), stopping early (413) once it passes
-    ``max_body_bytes``."""
-    try:
-        with anyio.fail_after(limits.body_timeout_s):
-            return await _read_capped(request, limits)
-    except TimeoutError:
-        raise RequestError(f"body: not received within body_timeout_s "
-                           f"({limits.body_timeout_s:g} s)", 408) from None
-    except ClientDisconnect:  # nobody reads the answer; it only must not be a 500
-        raise RequestError("body: the client disconnected while sending it") from None
-
-
-async def _read_capped(request: Request, limits: Limits) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limits.max_body_bytes:
-        raise RequestError(f"body: {declared} bytes, more than the limit of "
-                           f"{limits.max_body_bytes}", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise RequestError(f"body: more than the limit of {limits.max_body_bytes} "
-                               "bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    ``max_body_bytes`` (:func:`serve.classify_route.read_raw_body` on the request's
+    ASGI receive channel)."""
+    return await read_raw_body(request.scope, request.receive, limits)
 
 
 def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]:

@@ -74,6 +74,22 @@ def test_slow_body_is_408_and_disconnect_is_400():
     assert err.value.status == 400 and "disconnected" in str(err.value)
 
 
+def test_starlette_routes_read_the_body_with_the_same_limits():
+    from starlette.requests import Request
+
+    from serve.http_api import read_body
+
+    chunks = [{"type": "http.request", "body": b'{"prompts": ', "more_body": True},
+              {"type": "http.request", "body": b'["a"]}'}]
+    assert asyncio.run(read_body(Request(_scope(), _receiver(*chunks)), Limits())) == (
+        b'{"prompts": ["a"]}')
+    big = {"type": "http.request", "body": b"x" * 600, "more_body": True}
+    with pytest.raises(RequestError) as err:
+        asyncio.run(read_body(Request(_scope(), _receiver(big, big)),
+                              Limits(max_body_bytes=1000)))
+    assert err.value.status == 413
+
+
 def _answer(status: int, payload: Any) -> tuple[int, list[dict[str, Any]]]:
     sent: list[dict[str, Any]] = []
 
