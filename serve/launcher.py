@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import httpx
 
+from serve import start_failure
 from serve.errors import ModelpressError
 from serve.schemas import ServeSettings
 
@@ -136,17 +137,29 @@ STARTUP_FAILED = "Application startup failed"
 
 
 def wait_ready(process: subprocess.Popen, url: str, timeout: float,
-               log_path: Path | None = None) -> None:
+               log_path: Path | None = None, failure_file: Path | None = None) -> None:
     """Poll ``/readyz`` until it answers 200.
 
+    Args:
+        process: The ``bentoml serve`` process.
+        url: The server's base URL.
+        timeout: Seconds to wait.
+        log_path: The server's log, scanned for a worker's failed start-up.
+        failure_file: The server's ``MODELPRESS_START_FAILURE_FILE``
+            (:mod:`serve.start_failure`).
+
     Raises:
-        ServerStartError: The process exited first, a worker failed to start (seen in
-            ``log_path``; BentoML would keep restarting it), or ``timeout`` passed.
+        ServerStartError: The process exited first, a worker failed to start (its line in
+            ``failure_file``, or seen in ``log_path``; BentoML would keep restarting it),
+            or ``timeout`` passed.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServerStartError(f"server exited with code {process.returncode}")
+        reason = start_failure.read(failure_file)
+        if reason is not None:
+            raise ServerStartError(f"a server worker failed to start: {reason}")
         if log_path is not None and STARTUP_FAILED in log_path.read_text(errors="replace"):
             raise ServerStartError("a server worker failed to start")
         try:
@@ -187,16 +200,22 @@ def start_server(artifact: Path | str, port: int | None = None, host: str = "127
         fd, name = tempfile.mkstemp(prefix="modelpress-serve-", suffix=".log")
         os.close(fd)
         log_path = Path(name)
+    failure_file = start_failure.new_file()
     with open(log_path, "wb") as out:
-        process = spawn(settings, host, port, stdout=out, env=env)
+        process = spawn(settings, host, port, stdout=out,
+                        env={**(os.environ if env is None else env),
+                             start_failure.ENV: str(failure_file)})
     handle = ServerHandle(url=f"http://{host}:{port}", pid=process.pid, port=port,
                           process=process, log_path=log_path, remove_log=temp_log)
     try:
-        wait_ready(process, handle.url, ready_timeout, log_path)
+        wait_ready(process, handle.url, ready_timeout, log_path, failure_file)
     except ServerStartError as exc:
         handle.remove_log = False  # kept for the user to read
         handle.stop()
-        reason = startup_error(handle.log_tail(200))
-        raise ServerStartError(f"{artifact}: server failed to start: {reason} ({exc}; "
-                               f"log: {log_path})") from None
+        reason = start_failure.read(failure_file)
+        detail = (f"{reason} (log: {log_path})" if reason is not None else
+                  f"{startup_error(handle.log_tail(200))} ({exc}; log: {log_path})")
+        raise ServerStartError(f"{artifact}: server failed to start: {detail}") from None
+    finally:
+        start_failure.remove(failure_file)
     return handle

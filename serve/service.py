@@ -53,6 +53,7 @@ from serve.openai_api import build_openai_routes
 from serve.openapi import openapi_schema
 from serve.runtimes import load_runtime
 from serve.schemas import ServeSettings
+from serve.start_failure import reported
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ http_app = DirectRoutesApp([*_ROUTES, *fallback_routes(["/v1", "/_batch"], _ROUT
 class Modelpress:
     """Serves the artifact named by ``MODELPRESS_ARTIFACT`` (hashes verified at start)."""
 
+    @reported  # a launcher stops the server instead of BentoML restarting this forever
     def __init__(self) -> None:
         if not SETTINGS.artifact:
             raise ModelpressError("MODELPRESS_ARTIFACT is not set: point it at an artifact "

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -60,8 +60,9 @@ def command(
     from pydantic import ValidationError
     from rich.console import Console
 
+    from serve import start_failure
     from serve.artifact import load_artifact
-    from serve.launcher import spawn
+    from serve.launcher import ServerHandle, spawn
     from serve.schemas import Limits, ServeSettings
 
     console = Console(stderr=True)
@@ -81,8 +82,11 @@ def command(
         err = exc.errors()[0]
         raise ModelpressError(f"--{str(err['loc'][-1]).replace('_', '-')}: "
                               f"{err['msg']}") from None
-    process = spawn(settings, host, port)
+    failure_file = start_failure.new_file()
+    process = spawn(settings, host, port,
+                    env={**os.environ, start_failure.ENV: str(failure_file)})
     stopping: list[Literal[True]] = []
+    failure: str | None = None
 
     def forward(signum: int, frame: object) -> None:
         stopping.append(True)
@@ -97,19 +101,19 @@ def command(
                       f"{manifest.precision}) at http://{host}:{port} — {batching}"
                       f"{', API key required' if api_key else ''}, "
                       f"pid {process.pid}; Ctrl+C to stop", highlight=False)
-        while process.poll() is None:
+        while process.poll() is None and failure is None:
+            failure = start_failure.read(failure_file)
             time.sleep(0.2)
         code = process.returncode
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        # SIGTERM, wait, then kill what is left of its process group (the workers)
+        ServerHandle(url="", pid=process.pid, port=port, process=process).stop(timeout=30)
+        start_failure.remove(failure_file)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if failure is not None:
+        raise ModelpressError(f"the server worker cannot load {artifact} (server stopped, "
+                              f"not restarted): {failure}")
     if stopping:
         console.print("server stopped", highlight=False)
         return
