@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -19,6 +19,9 @@ from compress.commands import demo as demo_command
 from compress.commands import eval as eval_command
 from compress.commands import serve as serve_command
 from serve.errors import ModelpressError
+
+if TYPE_CHECKING:
+    from compress.pipeline import StepRecord
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress fine-tuned models, serve them, and benchmark them.")
@@ -88,8 +91,27 @@ def compress(
         table.add_row(r.name, r.status, f"{r.seconds:.1f}", _fmt_bytes(r.bytes), note,
                       r.gate or "-")
     console.print(table)
-    if any(r.status == "failed" for r in records):
-        raise typer.Exit(1)
+    code = exit_code(records, len(parsed.stages))
+    if code:
+        raise typer.Exit(code)
+
+
+def exit_code(records: list[StepRecord], n_stages: int) -> int:
+    """``modelpress compress``'s exit status for a finished run.
+
+    0: every stage and variant built or reused (a failed gate is reported, not an error).
+    1: some variants failed, the others were built. Stages never fail here (a failing
+    stage raises, exit 2).
+
+    Raises:
+        ModelpressError: Every variant failed: nothing deployable was made (exit 2).
+    """
+    variants = records[n_stages:]
+    failed = [r for r in variants if r.status == "failed"]
+    if variants and len(failed) == len(variants):
+        raise ModelpressError(f"every variant failed ({len(failed)} of {len(variants)}; "
+                              f"first: {failed[0].error}); nothing deployable was built")
+    return 1 if failed else 0
 
 
 @app.command()

@@ -7,7 +7,8 @@ Layout of the output folder::
     OUT/run.json          what this run did (cached or built, seconds, verdicts)
 
 Each folder is built under a temporary name and renamed when complete, so a killed run
-leaves nothing that looks finished; the next run removes the leftovers and resumes from
+leaves nothing that looks finished; the next run removes the leftovers (also those in
+``OUT/.cache`` and the distill checkpoints: :func:`remove_leftovers`) and resumes from
 the last complete stage. A stage is reused when its cache key (stage kind and version,
 resolved config, and the content hashes of its inputs) equals the one in its manifest.
 """
@@ -219,7 +220,7 @@ def run_recipe(recipe: Recipe, out: Path, report: Report = lambda m: None) -> li
     out = Path(out).resolve()
     created = not out.exists()
     with locked(out):
-        for stale in remove_stale_tmp(out):
+        for stale in remove_leftovers(out):
             log.info("removed leftover of an interrupted run: %s", stale)
         try:
             reference, records = run_stages(recipe, out, report)
@@ -235,6 +236,24 @@ def run_recipe(recipe: Recipe, out: Path, report: Report = lambda m: None) -> li
         tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
         os.replace(tmp, out / "run.json")
     return records
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete the temporary files and folders of interrupted runs (``.tmp-*``) wherever the
+    pipeline writes them: ``OUT`` (stages, variants, run.json), ``OUT/.cache`` (the shared
+    fp32 ONNX export and genai build) and ``OUT/.distill-checkpoints/<key>``.
+
+    Only safe while holding :func:`locked` on ``out``.
+
+    Returns:
+        The paths removed.
+    """
+    from compress.stages.distill import CHECKPOINTS
+
+    folders = [out, out / ".cache"]
+    if (out / CHECKPOINTS).is_dir():
+        folders += sorted(p for p in (out / CHECKPOINTS).iterdir() if p.is_dir())
+    return [path for folder in folders for path in remove_stale_tmp(folder)]
 
 
 def _build_variant(recipe: Recipe, variant: Any, reference: Path, out: Path,

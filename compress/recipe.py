@@ -285,7 +285,8 @@ class Recipe(Strict):
         adapters: LoRA adapters to merge (empty for a full fine-tune).
         labels: Class names in label-id order (classification), if the checkpoint lacks them.
         data: Datasets for distillation, calibration and evaluation.
-        stages: Stages run in order; the last one's output is the reference for variants.
+        stages: Stages run in order, each kind at most once (each writes ``OUT/<kind>``);
+            the last one's output is the reference for variants.
         variants: Deployable artifacts built from the reference.
         gates: Acceptance thresholds.
     """
@@ -299,6 +300,17 @@ class Recipe(Strict):
     stages: list[StageConfig] = Field(default_factory=lambda: [MergeConfig()])
     variants: list[Variant] = Field(default_factory=list)
     gates: Gates = Field(default_factory=Gates)
+
+    @field_validator("stages")
+    @classmethod
+    def _one_stage_per_kind(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        kinds = [s.kind for s in stages]
+        for index, kind in enumerate(kinds):
+            if kind in kinds[:index]:
+                # Both would write OUT/<kind>, so each run would rebuild both.
+                raise ValueError(f"kind {kind!r} appears twice (stages[{kinds.index(kind)}] "
+                                 f"and stages[{index}]); each stage kind may appear once")
+        return stages
 
     @model_validator(mode="after")
     def _check_names(self) -> Recipe:

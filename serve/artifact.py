@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import platform
+import posixpath
 import shutil
 import time
 import uuid
@@ -183,11 +184,30 @@ def read_manifest(folder: Path) -> Manifest:
 def verify_files(folder: Path, manifest: Manifest) -> None:
     """Check that the folder holds exactly the manifest's files with their hashes.
 
+    Manifest paths are normalised (``./x`` is ``x``); a path leaving the folder, or a
+    symlink (file or folder) resolving outside it, is refused.
+
     Raises:
-        ArtifactError: naming the first file that is missing, changed or unexpected.
+        ArtifactError: naming the first file that is missing, changed, unexpected or
+            outside the artifact.
     """
-    recorded = {f.path: f for f in manifest.files}
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    root = folder.resolve()
+    recorded = {}
+    for entry in manifest.files:
+        rel = posixpath.normpath(entry.path)
+        if rel.startswith(("/", "../")) or rel == "..":
+            raise ArtifactError(f"{folder}: manifest entry {entry.path!r} is outside the "
+                                "artifact; refusing to load")
+        recorded[rel] = entry
+    present = set()
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            target = Path(os.path.realpath(path))  # no exception on a symlink loop
+            if not target.is_relative_to(root):
+                raise ArtifactError(f"{path}: symlink to {target}, outside the artifact; "
+                                    "refusing to load")
+        if path.is_file():
+            present.add(path.relative_to(folder).as_posix())
     present.discard(MANIFEST_NAME)
     for rel in sorted(recorded):
         entry = recorded[rel]
