@@ -45,6 +45,9 @@ class LoadSpec:
         model: Chat profile: the ``model`` field sent (vLLM checks it).
         extra_body: Chat profile: fields added to every request body (server options).
         connections: Open loop: connections per user (None: the locustfile's 256).
+        min_requests: Past ``duration_s`` the run goes on until this many responses have
+            arrived (0: it stops at ``duration_s``), at most ``max_extend_s`` more.
+        max_extend_s: Cap on that extension, in seconds.
     """
 
     mode: Literal["closed", "open"]
@@ -57,6 +60,13 @@ class LoadSpec:
     model: str | None = None
     extra_body: dict[str, Any] | None = None
     connections: int | None = None
+    min_requests: int = 0
+    max_extend_s: float = 60.0
+
+    @property
+    def cap_s(self) -> float:
+        """Longest run time: ``duration_s``, plus ``max_extend_s`` when a minimum is set."""
+        return self.duration_s + (self.max_extend_s if self.min_requests > 0 else 0.0)
 
     @property
     def label(self) -> str:
@@ -76,7 +86,11 @@ def _stop_timeout(spec: LoadSpec) -> float:
 
 def level_result(spec: LoadSpec, runs: list[list[dict]]) -> dict[str, Any]:
     """A load level's entry of results.json: totals over its runs, the spread over runs
-    (requests/s and p95) and each run's own summary."""
+    (requests/s and p95) and each run's own summary.
+
+    A run in which no request completed leaves nothing to measure: the level is then
+    ``status: failed`` with the reason in ``error``.
+    """
     per_run = [summarize([r]) for r in runs]
     total = summarize(runs)
 
@@ -85,8 +99,12 @@ def level_result(spec: LoadSpec, runs: list[list[dict]]) -> dict[str, Any]:
         return {"min": min(vals) if vals else None, "max": max(vals) if vals else None,
                 "n": len(vals)}
 
+    empty = sum(1 for r in per_run if not r["requests"])
+    error = (f"{spec.label}: no request completed in {empty} of {len(runs)} runs "
+             f"({spec.cap_s:g} s each)" if empty else None)
     return {"mode": spec.mode, "profile": spec.profile, "label": spec.label,
-            "users": spec.users, "rate": spec.rate, **total,
+            "users": spec.users, "rate": spec.rate, "status": "failed" if empty else "ok",
+            "error": error, "min_requests": spec.min_requests, **total,
             "spread": {"rps": spread([r["rps"] for r in per_run]),
                        "p95_ms": spread([(r["latency_ms"] or {}).get("p95") for r in per_run])},
             "repeats": per_run}
@@ -126,7 +144,7 @@ def run_locust(spec: LoadSpec, host: str, inputs: Path, task: str, work_dir: Pat
     json_file.unlink(missing_ok=True)
     user_class = "OpenLoopUser" if spec.mode == "open" else "ClosedLoopUser"
     cmd = [*locust_command(), "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-           "-u", str(spec.users), "-r", str(spec.users), "-t", f"{spec.duration_s:g}s",
+           "-u", str(spec.users), "-r", str(spec.users), "-t", f"{spec.cap_s:g}s",
            "--stop-timeout", f"{_stop_timeout(spec):g}", "--host", host, "--json-file",
            str(stem), "--loglevel", "WARNING", "--exit-code-on-error", "0"]
     if spec.processes and spec.processes > 1:
@@ -136,13 +154,15 @@ def run_locust(spec: LoadSpec, host: str, inputs: Path, task: str, work_dir: Pat
            "MODELPRESS_BENCH_MAX_NEW_TOKENS": str(max_new_tokens),
            "MODELPRESS_BENCH_PROFILE": spec.profile, "MODELPRESS_BENCH_MODEL": spec.model or "",
            "MODELPRESS_BENCH_EXTRA_BODY": json.dumps(spec.extra_body or {}),
-           "MODELPRESS_BENCH_CONNECTIONS": str(spec.connections or "")}
+           "MODELPRESS_BENCH_CONNECTIONS": str(spec.connections or ""),
+           "MODELPRESS_BENCH_MIN_REQUESTS": str(spec.min_requests),
+           "MODELPRESS_BENCH_MIN_S": f"{spec.duration_s:g}"}
     if spec.mode == "open":
         if not spec.rate or spec.rate <= 0:
             raise LoadError(f"open loop needs a positive rate, got {spec.rate}")
         env["MODELPRESS_BENCH_USER_RATE"] = str(spec.rate / spec.users)
     log.info("locust %s", " ".join(cmd))
-    bound = spec.duration_s + _stop_timeout(spec) + _SLACK_S
+    bound = spec.cap_s + _stop_timeout(spec) + _SLACK_S
     log_path = stem.with_name(stem.name + ".log")
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

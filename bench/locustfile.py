@@ -18,6 +18,10 @@ modelpress; the harness (``bench/run.py``) passes everything through environment
 * ``MODELPRESS_BENCH_CONNECTIONS``: open loop, connections each user may hold open (default
   256). Above it requests wait in the client, so a soak sets it above what the server can
   hold (running + waiting): the server, not the client, must shed the excess.
+* ``MODELPRESS_BENCH_MIN_REQUESTS`` and ``MODELPRESS_BENCH_MIN_S``: a run stops once
+  ``MIN_S`` seconds have passed *and* at least ``MIN_REQUESTS`` responses have arrived
+  (the harness passes Locust's ``-t`` as the cap), so a slow server or a busy machine
+  still yields a level with requests to measure. Unset: Locust's ``-t`` alone.
 
 User classes (pick one by name on the command line):
 
@@ -66,6 +70,7 @@ from collections.abc import Iterator
 import gevent
 import gevent.pool
 from locust import FastHttpUser, constant, events, task
+from locust.runners import WorkerRunner
 from locust.user.task import LOCUST_STATE_STOPPING
 
 TASK = os.environ.get("MODELPRESS_BENCH_TASK", "text-classification")
@@ -75,6 +80,9 @@ PROFILE = os.environ.get("MODELPRESS_BENCH_PROFILE", "eval")
 MODEL = os.environ.get("MODELPRESS_BENCH_MODEL") or None
 EXTRA_BODY = json.loads(os.environ.get("MODELPRESS_BENCH_EXTRA_BODY") or "{}")
 CONNECTIONS = int(os.environ.get("MODELPRESS_BENCH_CONNECTIONS") or 256)
+MIN_REQUESTS = int(os.environ.get("MODELPRESS_BENCH_MIN_REQUESTS") or 0)
+MIN_S = float(os.environ.get("MODELPRESS_BENCH_MIN_S") or 0)
+_NOT_REQUESTS = {"SSE", "RUN", "OUTCOME", "ERROR", "SCHEDULE"}  # entries fired by this file
 _window = [time.perf_counter(), None]  # [run start, stop]: set by the test events
 
 
@@ -121,7 +129,7 @@ def _failed_status(resp) -> None:
 
 def _check_classify(resp) -> None:
     if resp.status_code != 200:
-        resp.failure(f"HTTP {resp.status_code}: {resp.text[:200] if resp.text else ''}")
+        _failed_status(resp)
         return
     try:
         results = resp.json()["results"]
@@ -129,13 +137,18 @@ def _check_classify(resp) -> None:
               and isinstance(results[0]["score"], float | int))
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         resp.failure(f"bad response body: {exc!r}")
+        _outcome("200 lost")
         return
     if not ok:
         resp.failure(f"bad response body: {resp.text[:200]}")
+        _outcome("200 lost")
+        return
+    _outcome("200 done")
 
 
 def classify(client, name: str = "/classify") -> None:
     """One ``POST /classify`` with a single eval text, checked for status and schema."""
+    _outcome("sent")
     with client.post("/classify", json={"texts": [_next_input()]}, name=name,
                      catch_response=True) as resp:
         _check_classify(resp)
@@ -276,6 +289,26 @@ def _refresh_clock(environment, **_kwargs) -> None:
 def _mark_run_start(environment, **_kwargs) -> None:
     _window[0], _window[1] = time.perf_counter(), None
     _fire("start", 0.0, kind="RUN")
+
+
+def responses(stats) -> int:
+    """Responses received so far (successes and failures) to the requests themselves."""
+    return sum(entry.num_requests for (_name, method), entry in stats.entries.items()
+               if method not in _NOT_REQUESTS)
+
+
+def _stop_when_measured(environment) -> None:
+    gevent.sleep(MIN_S)
+    while responses(environment.stats) < MIN_REQUESTS:
+        gevent.sleep(0.1)
+    environment.runner.quit()  # what Locust's own -t does in a headless run
+
+
+@events.test_start.add_listener
+def _extend_until_measured(environment, **_kwargs) -> None:
+    # On the master (or the only process): workers' stats reach it every few seconds.
+    if MIN_REQUESTS > 0 and not isinstance(environment.runner, WorkerRunner):
+        gevent.spawn(_stop_when_measured, environment)
 
 
 @events.test_stopping.add_listener

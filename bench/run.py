@@ -13,6 +13,8 @@ accuracy, stop the server — then write the report.
         "accuracy": null | {"metric", "value", "ci95": [lo, hi], "n", "higher_is_better",
                             "metrics", "drop", "drop_ci95", "agreement"},
         "loads": [{"mode": "closed" | "open", "label", "users", "rate",
+                   "status": "ok" | "failed" (a run with no completed request),
+                   "error": str | null, "min_requests",
                    "requests", "failures", "failure_rate", "duration_s", "rps",
                    "latency_ms": {"p50", "p90", "p95", "p99", "max", "mean"},
                    "ttft_ms", "itl_ms" (same keys, generation only), "tokens_per_s",
@@ -25,6 +27,11 @@ accuracy, stop the server — then write the report.
      "recommendation": {"recommended", "reason", "rejected": {name: reason}, "eligible"}}
 
 Totals over repeats are exact (histograms merged); ``spread`` is the range over repeats.
+
+A load level runs ``duration_s``, then on until ``min_requests`` responses have arrived, at
+most ``max_extend_s`` more (a slow server or a busy machine still gives numbers). A level
+with a run that completed no request is failed, and so is its artifact (the levels after
+it and the accuracy pass are skipped).
 """
 
 from __future__ import annotations
@@ -63,7 +70,9 @@ class BenchConfig:
         eval_samples: Examples used (load inputs and accuracy pass).
         users: Closed-loop concurrency levels.
         rates: Open-loop arrival rates (requests/s).
-        duration_s: Seconds per load level and repeat.
+        duration_s: Seconds per load level and repeat (at least; see ``min_requests``).
+        min_requests: Responses a load level run waits for past ``duration_s``.
+        max_extend_s: Longest wait for them (then a run with none fails its artifact).
         warmup_s: Warm-up seconds per artifact (not counted).
         repeats: Runs per load level.
         processes: Locust ``--processes`` (None: one process).
@@ -89,6 +98,8 @@ class BenchConfig:
     users: list[int] = field(default_factory=lambda: [1, 8, 32])
     rates: list[float] = field(default_factory=list)
     duration_s: float = 30.0
+    min_requests: int = 10
+    max_extend_s: float = 60.0
     warmup_s: float = 10.0
     repeats: int = 2
     processes: int | None = None
@@ -110,11 +121,12 @@ class BenchConfig:
 
 def load_specs(config: BenchConfig) -> list[LoadSpec]:
     """The load levels in order: closed loop per user count, then open loop per rate."""
-    specs = [LoadSpec("closed", u, config.duration_s, processes=config.processes)
+    bounds = {"min_requests": config.min_requests, "max_extend_s": config.max_extend_s}
+    specs = [LoadSpec("closed", u, config.duration_s, processes=config.processes, **bounds)
              for u in config.users]
     open_users = max(1, config.processes or 1)
     specs += [LoadSpec("open", open_users, config.duration_s, rate=r,
-                       processes=config.processes) for r in config.rates]
+                       processes=config.processes, **bounds) for r in config.rates]
     return specs
 
 
@@ -188,7 +200,10 @@ def bench_artifact(config: BenchConfig, path: Path | None, name: str, examples: 
                                       f"{server.log_tail()}")
                 progress(f"{name}: {spec.label}, run {i + 1}/{config.repeats}", 1)
                 steps_left -= 1
-            entry["loads"].append(level_result(spec, runs))
+            level = level_result(spec, runs)
+            entry["loads"].append(level)
+            if level["status"] == "failed":
+                raise LoadError(level["error"])
         if config.decode_users:
             entry["decode"] = run_decode(
                 url, config.decode_users, config.duration_s, work, config.decode_max_tokens,

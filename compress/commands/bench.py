@@ -49,6 +49,11 @@ def command(
     rate: Annotated[str, typer.Option(
         help="Open-loop arrival rates in requests/s, e.g. 5,20 (none by default).")] = "",
     duration: Annotated[str, typer.Option(help="Run time per load level.")] = "30s",
+    min_requests: Annotated[int, typer.Option(
+        min=0, help="Past --duration, a load level runs on until this many responses have "
+                    "arrived (at most --max-extend more); one with none fails.")] = 10,
+    max_extend: Annotated[str, typer.Option(
+        help="Longest extension of a load level waiting for --min-requests.")] = "60s",
     warmup: Annotated[str, typer.Option(help="Warm-up per artifact (not counted).")] = "10s",
     repeats: Annotated[int, typer.Option(min=1, help="Runs per load level.")] = 2,
     processes: Annotated[int | None, typer.Option(
@@ -87,7 +92,8 @@ def command(
         artifacts=artifacts, out=out, data=data, text_field=text_field,
         label_field=label_field or None, eval_samples=eval_samples,
         users=_numbers(users, "--users", int), rates=_numbers(rate, "--rate", float),
-        duration_s=parse_seconds(duration, "--duration"),
+        duration_s=parse_seconds(duration, "--duration"), min_requests=min_requests,
+        max_extend_s=parse_seconds(max_extend, "--max-extend"),
         warmup_s=parse_seconds(warmup, "--warmup"), repeats=repeats, processes=processes,
         slo=slo, max_accuracy_drop=max_accuracy_drop, host=host, reference=reference,
         max_new_tokens=max_new_tokens, server_args=serve_option or [],

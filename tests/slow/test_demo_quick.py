@@ -23,6 +23,15 @@ def _demo(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+def _assert_measured(level: dict) -> None:
+    """A load level that measured something, however fast this machine is: it ran on past
+    its duration until requests completed, and any failure is a deliberate overload 503
+    (a busy machine may queue a request past the server's latency budget)."""
+    assert level["status"] == "ok" and level["requests"] > 0, level
+    assert level["failures_other"] == 0, level["errors"]
+    assert level["failures_503"] < level["requests"], level["outcomes"]
+
+
 def test_quick_classification_demo(tmp_path):
     result = _demo(tmp_path)
     work = tmp_path / "demo" / "classification"
@@ -49,7 +58,7 @@ def test_quick_classification_demo(tmp_path):
     for artifact in served:
         assert artifact["accuracy"]["value"] > 0.6  # above the 0.58 majority class
         for level in artifact["loads"]:
-            assert level["requests"] > 0 and level["failures"] == 0
+            _assert_measured(level)
             lat = level["latency_ms"]
             assert lat["p50"] <= lat["p95"] <= lat["p99"]
     assert "recommended" in results["recommendation"]
@@ -83,7 +92,7 @@ def test_quick_generation_demo(tmp_path):
     assert by_name["onnx-fp32"]["accuracy"]["value"] == by_name["merge"]["accuracy"]["value"]
     for artifact in by_name.values():
         for level in artifact["loads"]:
-            assert level["requests"] > 0 and level["failures"] == 0
+            _assert_measured(level)
             assert level["ttft_ms"]["p50"] <= level["latency_ms"]["p95"]
             assert level["tokens_per_s"] > 0
     assert "recommended" in results["recommendation"]
