@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from serve.artifact import Manifest, write_manifest
@@ -49,13 +50,21 @@ def unknown_architecture(tiny, tmp_path: Path) -> Path:
 ])
 def test_cli_serve_exits_2_with_one_error_line(make, expected, tiny, tmp_path, bentoml_env):
     artifact = make(tiny, tmp_path)
-    result = subprocess.run(
+    cli = subprocess.Popen(
         [sys.executable, "-c", "from compress.cli import main; main()", "serve",
          str(artifact), "--port", str(free_port()), "--no-access-log"],
-        cwd=ROOT, env=bentoml_env, capture_output=True, text=True, timeout=LIMIT_S)
-    output = result.stdout + result.stderr
+        cwd=ROOT, env=bentoml_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = cli.communicate(timeout=LIMIT_S)
+    except subprocess.TimeoutExpired:
+        # The server runs in its own session: stop it, or it restarts its worker forever.
+        for child in psutil.Process(cli.pid).children(recursive=True):
+            child.kill()
+        cli.kill()
+        output, _ = cli.communicate()
+        pytest.fail(f"modelpress serve still running after {LIMIT_S} s:\n{output[-3000:]}")
     errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2, output[-3000:]
+    assert cli.returncode == 2, output[-3000:]
     assert len(errors) == 1, output[-3000:]
     assert f"cannot load {artifact}" in errors[0] and expected in errors[0], errors
     assert "Initializing service error" in output  # the worker did start and fail
