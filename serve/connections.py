@@ -77,18 +77,31 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
             self.timeout_keep_alive = limits.keep_alive_timeout_s
             self.header_timer: asyncio.TimerHandle | None = None
             self.partial = False
+            self.refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > cap:
-                transport.write(raw_error(503, "Service Unavailable",
-                                          "connection: too many connections; retry later",
-                                          "server_overloaded"))
-                transport.close()
+                self.refuse_connection()
                 return
             self.arm()
 
+        def refuse_connection(self) -> None:
+            # Answer, stop writing, and drop what the client sends until it closes (or
+            # 1 s): closing with its request unread would reset the connection and lose
+            # the answer.
+            self.refused = True
+            self.transport.write(raw_error(503, "Service Unavailable",
+                                           "connection: too many connections; retry later",
+                                           "server_overloaded"))
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.header_timer = asyncio.get_running_loop().call_later(
+                1.0, self.transport.close)
+
         def data_received(self, data: bytes) -> None:
+            if self.refused:
+                return
             super().data_received(data)
             if self.cycle is not None and not self.cycle.response_complete:
                 self.disarm()  # headers in: the body deadline is the app's
