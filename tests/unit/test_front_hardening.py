@@ -285,3 +285,14 @@ def test_each_server_gets_its_own_bentoml_home(tmp_path):
     from bentoml._internal.configuration.containers import BentoMLContainer
     assert Path(BentoMLContainer.prometheus_multiproc_dir.get()).parent == Path(
         BentoMLContainer.bentoml_home.get())
+
+
+def test_refused_paths_are_escaped_in_the_access_log(caplog):
+    routes = DirectRoutesApp([Route("/classify", _Echo(), methods=["POST"])],
+                             direct=["/classify"])
+    front = DirectRoutesFront(_Inner(routes), routes, None, access_log=True)
+    scope = {**_scope("/a\n2026 ERROR forged" + "x" * 5000, "GET"), "scheme": "http"}
+    with caplog.at_level(logging.INFO, logger="bentoml.access"):
+        assert _call(front, scope)[0]["status"] == 404
+    [line] = [r.getMessage() for r in caplog.records if r.name == "bentoml.access"]
+    assert "\n" not in line and "\\n2026 ERROR forged" in line and len(line) < 400
