@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -48,6 +49,14 @@ def command(
     max_prefill_tokens: Annotated[int, typer.Option(
         help="Generation: prompt tokens prefilled per engine step before the running "
              "streams decode again.")] = 2048,
+    header_timeout_s: Annotated[float, typer.Option(
+        help="Longest time for a request's headers to arrive (the connection is closed "
+             "past it).")] = 10.0,
+    keep_alive_timeout_s: Annotated[float, typer.Option(
+        help="Close a connection idle this long between requests.")] = 5.0,
+    max_connections: Annotated[int, typer.Option(
+        help="Open connections per worker; more get 503 (lowered to the open-file "
+             "limit less 256).")] = 2048,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
     api_key: Annotated[str, typer.Option(
@@ -61,7 +70,7 @@ def command(
     from rich.console import Console
 
     from serve.artifact import load_artifact
-    from serve.launcher import spawn
+    from serve.launcher import server_home, spawn
     from serve.schemas import Limits, ServeSettings
 
     console = Console(stderr=True)
@@ -72,7 +81,8 @@ def command(
             max_batch_size=max_batch_size, max_latency_ms=max_latency_ms, workers=workers,
             access_log=access_log, max_running=max_running, max_kv_tokens=max_kv_tokens,
             max_waiting=max_waiting, queue_timeout_s=queue_timeout_s, api_key=api_key,
-            max_prefill_tokens=max_prefill_tokens,
+            max_prefill_tokens=max_prefill_tokens, header_timeout_s=header_timeout_s,
+            keep_alive_timeout_s=keep_alive_timeout_s, max_connections=max_connections,
             limits=Limits(max_items=max_items, max_input_tokens=max_input_tokens,
                           long_input=long_input, max_new_tokens=max_new_tokens,
                           max_concurrency=max_concurrency, max_body_bytes=max_body_bytes,
@@ -81,7 +91,8 @@ def command(
         err = exc.errors()[0]
         raise ModelpressError(f"--{str(err['loc'][-1]).replace('_', '-')}: "
                               f"{err['msg']}") from None
-    process = spawn(settings, host, port)
+    home = server_home(port)  # its own metrics store
+    process = spawn(settings, host, port, home=home)
     stopping: list[Literal[True]] = []
 
     def forward(signum: int, frame: object) -> None:
@@ -110,6 +121,7 @@ def command(
                 process.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(home, ignore_errors=True)
     if stopping:
         console.print("server stopped", highlight=False)
         return
