@@ -5,9 +5,10 @@ timeout, context middleware, router, mount); with a small classifier those layer
 about as much CPU as the model (docs/benchmarks.md, issue 14). Two shortcuts:
 
 * :class:`DirectRoutesFront` is the outermost layer of the worker's app (installed through
-  ``@bentoml.service(service_class=...)``, :func:`direct_routes_service`): it answers the
-  ``direct`` routes itself, recording BentoML's request metrics under their names, and
-  hands every other request to BentoML's app unchanged.
+  ``@bentoml.service(service_class=...)``, :func:`direct_routes_service`): it refuses
+  what the app does not serve (API key, unknown path, method) before BentoML records
+  anything, answers the ``direct`` routes itself, recording BentoML's request metrics
+  under their names, and hands every other request to BentoML's app unchanged.
 * :class:`DirectRoutesApp`, the mounted app, calls the same endpoints without Starlette's
   layers when a request does come through BentoML's stack (BentoML configured).
 
@@ -31,7 +32,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve.auth import ApiKeyMiddleware
+from serve.auth import refuse as refuse_without_key
+from serve.connections import ConnectionLimits
+from serve.connections import install as install_connection_guards
+from serve.http_errors import send_error
+from serve.log_text import for_log
 from serve.request_metrics import RequestMetrics
+from serve.route_table import Resolution, RouteTable, route_path
 
 
 class DirectRoutesApp(Starlette):
@@ -81,48 +88,72 @@ async def call_direct(app: Starlette, endpoint: Any, scope: Scope, receive: Rece
 
 
 class DirectRoutesFront:
-    """Outermost ASGI layer of the served app: the ``direct`` routes are answered here,
-    before BentoML's own stack; every other request goes to BentoML's app unchanged.
+    """Outermost ASGI layer of the served app: it refuses what the app does not serve and
+    answers the ``direct`` routes, before BentoML's own stack; every other request goes
+    to BentoML's app unchanged.
+
+    Refused here, so no BentoML layer records or logs them by their raw path (issue 20):
+    a request without the API key (401), an unknown path (404), a known path with
+    another method (405), all as OpenAI's error object; websocket requests (the app has
+    no websocket route). The request metrics of what is answered here are recorded
+    under BentoML's names (:class:`RequestMetrics`) with a bounded ``endpoint`` label:
+    the route's path, or ``other`` for every unknown path
+    (:class:`serve.route_table.RouteTable`).
 
     For a small model BentoML's per-request layers (request metrics, tracing, timeout,
     context, router, mount) cost as much CPU as the model (docs/benchmarks.md, issue 14).
     What the direct routes still need from them is done here or by the route itself:
-    BentoML's request metrics under their own names (:class:`RequestMetrics`), the API
-    key (:class:`serve.auth.ApiKeyMiddleware`), errors as JSON (a direct endpoint such as
-    :class:`serve.classify_route.ClassifyEndpoint` answers every error itself and never
-    raises) and deadlines (the body timeout and the micro-batcher's ``max_latency_ms``).
+    the request metrics, the API key (:class:`serve.auth.ApiKeyMiddleware`), errors as
+    JSON (a direct endpoint such as :class:`serve.classify_route.ClassifyEndpoint`
+    answers every error itself and never raises) and deadlines (the body timeout and
+    the micro-batcher's ``max_latency_ms``).
 
-    With ``access_log`` each answer is logged as BentoML's access log would
-    (``bentoml.access`` logger, same line shape).
+    With ``access_log`` each answer given here is logged as BentoML's access log would
+    (``bentoml.access`` logger, same line shape, the path escaped and cut).
 
     Args:
-        app: BentoML's ASGI app for the service.
+        app: BentoML's ASGI app for the service (a Starlette app: its routes decide
+            which paths are known).
         routes: The mounted app whose direct routes are answered here.
-        api_key: The bearer key every direct route needs (None: open).
-        access_log: Log every direct request.
+        api_key: The bearer key every route but the open ones needs (None: open).
+        access_log: Log every request answered here.
+        direct: Answer the direct routes here (False: only refuse).
     """
 
     def __init__(self, app: ASGIApp, routes: DirectRoutesApp, api_key: str | None,
-                 access_log: bool = False) -> None:
+                 access_log: bool = False, direct: bool = True) -> None:
         self.app = app
         self.routes = routes
+        self.table = RouteTable(app.routes)
         self.auth = ApiKeyMiddleware(app, api_key=api_key) if api_key else None
         self.access = logging.getLogger("bentoml.access") if access_log else None
+        self.direct = direct
         self.metrics: dict[str, RequestMetrics] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = self.routes.endpoint_for(scope)
-        if endpoint is None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        metrics = self.metrics.get(scope["path"])
+        refusal = 401 if self.auth is not None and not self.auth.allowed(scope) else 0
+        endpoint = self.routes.endpoint_for(scope) if self.direct else None
+        if endpoint is not None:  # the hot path: no route search
+            where = Resolution(route_path(scope), 0)
+        else:
+            where = self.table.resolve(scope)
+            refusal = refusal or where.status
+            if not refusal:
+                await self.app(scope, receive, send)
+                return
+        metrics = self.metrics.get(where.label)
         if metrics is None:
-            metrics = self.metrics[scope["path"]] = RequestMetrics(scope["path"])
+            metrics = self.metrics[where.label] = RequestMetrics(where.label)
         start, status = metrics.started(), 500
         try:
-            if self.auth is not None and not self.auth.allowed(scope):
-                status = 401
-                await self.auth(scope, receive, send)  # answers the 401
+            if refusal:
+                status = await refuse(refusal, where, scope, send)
             else:
                 status = await call_direct(self.routes, endpoint, scope, receive, send)
         finally:
@@ -131,24 +162,41 @@ class DirectRoutesFront:
                 self.log_access(scope, status, start)
 
     def log_access(self, scope: Scope, status: int, start: float) -> None:
-        """One access-log line, in BentoML's shape."""
+        """One access-log line, in BentoML's shape (the path escaped and cut)."""
         client = scope.get("client")
         self.access.info("%s (scheme=%s,method=%s,path=%s) (status=%d) %.3fms",
                          f"{client[0]}:{client[1]}" if client else "_", scope["scheme"],
-                         scope["method"], scope["path"], status,
+                         for_log(scope["method"], 16), for_log(scope["path"]), status,
                          (time.perf_counter() - start) * 1000)
 
 
+async def refuse(status: int, where: Resolution, scope: Scope, send: Send) -> int:
+    """Answer 401 (no key), 404 or 405 as OpenAI's error object; returns ``status``."""
+    if status == 401:
+        return await refuse_without_key(send)
+    path = for_log(route_path(scope))
+    if status == 405:
+        return await send_error(send, f"{path}: Method Not Allowed", 405,
+                                headers=[(b"allow", ", ".join(where.allow).encode())])
+    return await send_error(send, f"{path}: Not Found", 404)
+
+
 def direct_routes_service(routes: DirectRoutesApp, api_key: str | None,
-                          access_log: bool = False) -> type[bentoml.Service]:
-    """A :class:`bentoml.Service` class whose app answers ``routes``' direct routes first.
+                          access_log: bool = False, direct: bool = True,
+                          connections: ConnectionLimits | None = None
+                          ) -> type[bentoml.Service]:
+    """A :class:`bentoml.Service` class whose app is fronted by :class:`DirectRoutesFront`.
 
     Pass it as ``@bentoml.service(service_class=...)`` (BentoML's public hook for a
-    service class); the worker builds its app with :meth:`bentoml.Service.to_asgi`.
+    service class); the worker builds its app with :meth:`bentoml.Service.to_asgi`,
+    then its uvicorn server, which gets ``connections``' guards
+    (:func:`serve.connections.install`).
     """
     class DirectRoutesService(bentoml.Service):
         def to_asgi(self, is_main: bool = True) -> ASGIApp:
+            if connections is not None:
+                install_connection_guards(connections)
             return DirectRoutesFront(super().to_asgi(is_main=is_main), routes, api_key,
-                                     access_log)
+                                     access_log, direct)
 
     return DirectRoutesService

@@ -1,9 +1,10 @@
 """The API key: ``modelpress serve --api-key KEY`` (or ``MODELPRESS_API_KEY``).
 
-When a key is set, :class:`ApiKeyMiddleware` wraps the whole BentoML app (BentoML's own
-routes included): every request needs ``Authorization: Bearer <key>``, else 401 with
-OpenAI's error object and ``WWW-Authenticate: Bearer``. The key is compared in constant
-time (:func:`hmac.compare_digest`).
+When a key is set, every request needs ``Authorization: Bearer <key>`` (the scheme is
+case-insensitive, RFC 7235), else 401 with OpenAI's error object and
+``WWW-Authenticate: Bearer``. The key is compared in constant time
+(:func:`hmac.compare_digest`). :class:`serve.asgi.DirectRoutesFront` checks it first,
+before BentoML's layers record anything.
 
 Open without the key: the health checks (``/readyz``, ``/livez``, ``/healthz``), which
 orchestrators probe without credentials, and ``/metrics``, which Prometheus scrapes
@@ -14,13 +15,21 @@ orchestrators probe without credentials, and ``/metrics``, which Prometheus scra
 from __future__ import annotations
 
 import hmac
-import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serve.http_errors import error_body
+from serve.http_errors import send_error
 
 OPEN_PATHS = frozenset({"/readyz", "/livez", "/healthz", "/metrics"})
+
+
+def bearer_token(scope: Scope) -> bytes | None:
+    """The credentials of an ``Authorization: Bearer ...`` header (any scheme case)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            return token.lstrip(b" ") if scheme.lower() == b"bearer" else None
+    return None
 
 
 class ApiKeyMiddleware:
@@ -37,29 +46,25 @@ class ApiKeyMiddleware:
         if not api_key:
             raise ValueError("api_key must not be empty")
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
         self.open_paths = open_paths
 
     def allowed(self, scope: Scope) -> bool:
         """Whether the request may pass: an open path, or the right bearer key."""
         if scope.get("path", "") in self.open_paths:
             return True
-        sent = b""
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                sent = value
-                break
-        return hmac.compare_digest(sent, self.expected)
+        token = bearer_token(scope)
+        return token is not None and hmac.compare_digest(token, self.expected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.allowed(scope):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(error_body(
-            "Authorization: missing or wrong API key; send 'Authorization: Bearer <key>'",
-            401, param=None, code="invalid_api_key")).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b"Bearer")]})
-        await send({"type": "http.response.body", "body": body})
+        await refuse(send)
+
+
+async def refuse(send: Send) -> int:
+    """Answer the 401 (OpenAI's error object, ``WWW-Authenticate: Bearer``)."""
+    return await send_error(
+        send, "Authorization: missing or wrong API key; send 'Authorization: Bearer <key>'",
+        401, code="invalid_api_key", headers=[(b"www-authenticate", b"Bearer")])

@@ -13,6 +13,7 @@ about; ``param`` is that field (``null`` when the error is not about one field).
 
 from __future__ import annotations
 
+import json
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Send
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,22 @@ def error_response(message: str, status: int, param: str | None = None,
         headers.setdefault("Retry-After", "1")
     return JSONResponse(error_body(message, status, param, code), status_code=status,
                         headers=headers or None)
+
+
+def error_bytes(message: str, status: int, code: str | None = None) -> bytes:
+    """The JSON body of :func:`error_body`, encoded."""
+    return json.dumps(error_body(message, status, code=code)).encode()
+
+
+async def send_error(send: Send, message: str, status: int, code: str | None = None,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> int:
+    """Answer the error object through a raw ASGI ``send``; returns ``status``."""
+    body = error_bytes(message, status, code)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *(headers or ())]})
+    await send({"type": "http.response.body", "body": body})
+    return status
 
 
 async def http_exception(request: Request, exc: Exception) -> Response:

@@ -8,6 +8,12 @@ Used by ``modelpress serve`` (foreground), the benchmark and the integration tes
 
 The server runs in its own process group; :meth:`ServerHandle.stop` sends SIGTERM to the
 server's PID, waits for it to exit, and only then kills what is left of that group.
+
+Each server gets its own ``BENTOML_HOME`` (a temporary folder, removed when it stops):
+``bentoml serve`` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, and
+that folder is where every worker's metrics live, so two servers sharing it would wipe
+and then mix each other's ``/metrics`` (issue 20). BentoML derives that folder from
+``BENTOML_HOME`` only (``BentoMLContainer.prometheus_multiproc_dir``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,10 +61,19 @@ def serve_command(host: str, port: int) -> list[str]:
             "--port", str(port), "--working-dir", str(ROOT)]
 
 
-def server_env(settings: ServeSettings, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for the server process: ``MODELPRESS_*`` settings, tracking off."""
+def server_home(port: int) -> Path:
+    """A new, empty ``BENTOML_HOME`` for one server (its metrics store)."""
+    return Path(tempfile.mkdtemp(prefix=f"modelpress-server-{port}-"))
+
+
+def server_env(settings: ServeSettings, base: dict[str, str] | None = None,
+               home: Path | None = None) -> dict[str, str]:
+    """Environment for the server process: ``MODELPRESS_*`` settings, the server's own
+    ``BENTOML_HOME`` (when ``home`` is given), tracking off."""
     env = dict(os.environ if base is None else base)
     env.update(settings.to_env())
+    if home is not None:
+        env["BENTOML_HOME"] = str(home)
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -74,6 +90,7 @@ class ServerHandle:
     process: subprocess.Popen = field(repr=False)
     log_path: Path | None = None
     remove_log: bool = False
+    home: Path | None = None
 
     def alive(self) -> bool:
         """Whether the server process is still running."""
@@ -98,6 +115,8 @@ class ServerHandle:
             self.process.wait(timeout=10)
         if self.remove_log and self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
+        if self.home is not None:
+            shutil.rmtree(self.home, ignore_errors=True)
         return code
 
     def log_tail(self, lines: int = 20) -> str:
@@ -124,11 +143,15 @@ def startup_error(log_text: str) -> str:
 
 
 def spawn(settings: ServeSettings, host: str, port: int, stdout: IO | None = None,
-          env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``bentoml serve`` in a new process group (does not wait for readiness)."""
+          env: dict[str, str] | None = None, home: Path | None = None) -> subprocess.Popen:
+    """Start ``bentoml serve`` in a new process group (does not wait for readiness).
+
+    Args:
+        home: The server's ``BENTOML_HOME`` (:func:`server_home`; the caller removes it).
+    """
     cmd = serve_command(host, port)
     log.info("starting %s", " ".join(cmd))
-    return subprocess.Popen(cmd, env=server_env(settings, env), cwd=ROOT, stdout=stdout,
+    return subprocess.Popen(cmd, env=server_env(settings, env, home), cwd=ROOT, stdout=stdout,
                             stderr=subprocess.STDOUT if stdout is not None else None,
                             start_new_session=True)
 
@@ -200,22 +223,21 @@ def start_server(artifact: Path | str, port: int | None = None, host: str = "127
         fd, name = tempfile.mkstemp(prefix="modelpress-serve-", suffix=".log")
         os.close(fd)
         log_path = Path(name)
-    failure_file = start_failure.new_file()
+    home = server_home(port)
+    failure_file = home / start_failure.FILE_NAME
     with open(log_path, "wb") as out:
         process = spawn(settings, host, port, stdout=out,
                         env={**(os.environ if env is None else env),
-                             start_failure.ENV: str(failure_file)})
+                             start_failure.ENV: str(failure_file)}, home=home)
     handle = ServerHandle(url=f"http://{host}:{port}", pid=process.pid, port=port,
-                          process=process, log_path=log_path, remove_log=temp_log)
+                          process=process, log_path=log_path, remove_log=temp_log, home=home)
     try:
         wait_ready(process, handle.url, ready_timeout, log_path, failure_file)
     except ServerStartError as exc:
         handle.remove_log = False  # kept for the user to read
+        reason = start_failure.read(failure_file)  # before stop() removes the home folder
         handle.stop()
-        reason = start_failure.read(failure_file)
         detail = (f"{reason} (log: {log_path})" if reason is not None else
                   f"{startup_error(handle.log_tail(200))} ({exc}; log: {log_path})")
         raise ServerStartError(f"{artifact}: server failed to start: {detail}") from None
-    finally:
-        start_failure.remove(failure_file)
     return handle

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve.chat import ChatMessage, chat_prompt_ids, plain_messages
 from serve.http_api import Backend, endpoint
+from serve.log_text import names_for_log
 from serve.schemas import (
     INT64_MAX,
     GenerateItem,
@@ -90,7 +91,7 @@ class _OpenAIParams(_Lenient):
         unknown fields."""
         if self.model_extra:
             log.warning("%s: ignored unknown fields: %s", path,
-                        ", ".join(sorted(self.model_extra)))
+                        names_for_log(self.model_extra, len(self.model_extra)))
         if self.n not in (None, 1):
             raise RequestError("n: only n=1 is supported", code="unsupported_value")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -1,9 +1,12 @@
 """BentoML's per-request metrics, recorded for the routes answered outside its stack.
 
-``/classify`` is answered before BentoML's middleware (:mod:`serve.asgi`), so BentoML's
-request-metrics middleware never sees it. :class:`RequestMetrics` records the same series
-that middleware would (``bentoml_service_request_total``,
-``bentoml_service_request_duration_seconds``, ``bentoml_service_request_in_progress``,
+``/classify`` and the refused requests (no API key, unknown path, wrong method) are
+answered before BentoML's middleware (:mod:`serve.asgi`), so BentoML's request-metrics
+middleware never sees them. The ``endpoint`` label is the route's path, or ``other`` for
+every unknown path (:mod:`serve.route_table`): the label set is bounded.
+:class:`RequestMetrics` records the same series that middleware would
+(``bentoml_service_request_total``, ``bentoml_service_request_duration_seconds``,
+``bentoml_service_request_in_progress``,
 ``bentoml_service_last_request_timestamp_seconds``; same labels, BentoML's default
 duration buckets), so ``/metrics``, dashboards and alerts read them unchanged. Like
 :func:`serve.batcher.batch_size_observer` they are ``prometheus_client`` metrics in no
@@ -30,7 +33,7 @@ class RequestMetrics:
     """BentoML-named request metrics for one endpoint, created in the worker.
 
     Args:
-        endpoint: The route's path (the ``endpoint`` label).
+        endpoint: The ``endpoint`` label: a route's path, or ``other``.
     """
 
     def __init__(self, endpoint: str) -> None:

@@ -102,6 +102,11 @@ class ServeSettings(BaseModel):
             running sequences decode again.
         api_key: When set, every route but the health checks and ``/metrics`` needs
             ``Authorization: Bearer <api_key>`` (``MODELPRESS_API_KEY``).
+        header_timeout_s: Longest time for a request's headers to arrive, from its first
+            byte or the connection's opening; the connection is closed past it.
+        keep_alive_timeout_s: An idle connection between requests is closed after this.
+        max_connections: Open connections per worker; more get 503 and are closed
+            (lowered to the open-file limit less 256).
         limits: Per-request caps.
     """
 
@@ -121,6 +126,9 @@ class ServeSettings(BaseModel):
     queue_timeout_s: float = Field(30.0, gt=0)
     max_prefill_tokens: int = Field(2048, ge=1)
     api_key: str = Field("", repr=False)
+    header_timeout_s: float = Field(10.0, gt=0)
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(2048, ge=1)
     limits: Limits = Field(default_factory=Limits)
 
     @classmethod

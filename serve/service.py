@@ -24,7 +24,7 @@ is a plain method, not a BentoML API: no internal route skips the routes' checks
 ``GET /openapi.json`` describes the public routes (:mod:`serve.openapi`); errors on every
 route are OpenAI's error object (:mod:`serve.http_errors`). With an API key
 (``MODELPRESS_API_KEY``) every route but the health checks and ``/metrics`` needs it
-(:mod:`serve.auth`).
+(:mod:`serve.auth`), checked before BentoML's layers with the unknown paths and methods.
 
 This module imports no deep-learning framework: the runtime chosen by
 :func:`serve.runtimes.load_runtime` imports its own when the service starts.
@@ -43,8 +43,8 @@ import bentoml
 
 from serve.artifact import load_artifact
 from serve.asgi import DirectRoutesApp, direct_routes_service
-from serve.auth import ApiKeyMiddleware
 from serve.batcher import MicroBatcher, batch_size_observer
+from serve.connections import ConnectionLimits
 from serve.engine import Engine, EngineConfig
 from serve.errors import ModelpressError
 from serve.http_api import Backend, build_routes
@@ -139,10 +139,14 @@ http_app = DirectRoutesApp([*_ROUTES, *fallback_routes(["/v1", "/_batch"], _ROUT
     # still in flight on it (they fail): keep one session for the worker's lifetime.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
     logging={"access": {"enabled": SETTINGS.access_log}},
-    # /classify answered before BentoML's per-request layers (serve.asgi), unless BentoML
-    # is configured (tracing, CORS or metrics settings would then apply to it too).
-    service_class=(bentoml.Service if _BENTOML_CONFIGURED else direct_routes_service(
-        http_app, SETTINGS.api_key, SETTINGS.access_log)),
+    # Refusals (API key, unknown path, method) answered before BentoML's layers record
+    # them (serve.asgi); /classify too, unless BentoML is configured (tracing, CORS or
+    # metrics settings would then apply to it too).
+    service_class=direct_routes_service(
+        http_app, SETTINGS.api_key, SETTINGS.access_log, direct=not _BENTOML_CONFIGURED,
+        connections=ConnectionLimits(SETTINGS.header_timeout_s,
+                                     SETTINGS.keep_alive_timeout_s,
+                                     SETTINGS.max_connections)),
     **_UNTRACED,
 )
 @bentoml.asgi_app(http_app, path="/")
@@ -202,7 +206,3 @@ class Modelpress:
         with self.lock:
             results = self.runtime.classify(texts)
         return [{"label": r.label, "score": r.score, "scores": r.scores} for r in results]
-
-
-if SETTINGS.api_key:
-    Modelpress.add_asgi_middleware(ApiKeyMiddleware, api_key=SETTINGS.api_key)

@@ -3,19 +3,17 @@
 BentoML restarts a worker whose service fails to initialise, forever; an artifact that
 passed its hash check but cannot be loaded (a truncated weight file re-hashed, an
 architecture this transformers does not know) fails the same way on every restart. So the
-launcher (``modelpress serve``, :func:`serve.launcher.start_server`) names a file in
-``MODELPRESS_START_FAILURE_FILE``; the service's ``__init__`` (wrapped by
-:func:`reported`) writes one line there when it raises, and the launcher, polling with
-:func:`read`, stops the server and reports that line. Without the variable (a plain
-``bentoml serve``) nothing changes.
+launcher (``modelpress serve``, :func:`serve.launcher.start_server`) names a file in the
+server's own ``BENTOML_HOME`` in ``MODELPRESS_START_FAILURE_FILE``; the service's
+``__init__`` (wrapped by :func:`reported`) writes one line there when it raises, and the
+launcher, polling with :func:`read`, stops the server and reports that line. Without the
+variable (a plain ``bentoml serve``) nothing changes.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +21,8 @@ from typing import Any, TypeVar
 from serve.errors import ModelpressError
 
 ENV = "MODELPRESS_START_FAILURE_FILE"
+#: The file's name inside the server's own ``BENTOML_HOME`` (removed when it stops).
+FILE_NAME = "modelpress-start-failure"
 MAX_CHARS = 500
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,16 +51,6 @@ def record(exc: BaseException, env: dict[str, str] | None = None) -> None:
             fh.write(describe(exc) + "\n")
     except OSError:  # already written by another worker, or the launcher is gone
         pass
-
-
-def new_file() -> Path:
-    """A fresh path (in its own temp folder, not yet created) for a server's failure line."""
-    return Path(tempfile.mkdtemp(prefix="modelpress-start-")) / "failure"
-
-
-def remove(path: Path) -> None:
-    """Delete a path made by :func:`new_file`, with its folder."""
-    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def read(path: Path | None) -> str | None:

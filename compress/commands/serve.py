@@ -48,6 +48,14 @@ def command(
     max_prefill_tokens: Annotated[int, typer.Option(
         help="Generation: prompt tokens prefilled per engine step before the running "
              "streams decode again.")] = 2048,
+    header_timeout_s: Annotated[float, typer.Option(
+        help="Longest time for a request's headers to arrive (the connection is closed "
+             "past it).")] = 10.0,
+    keep_alive_timeout_s: Annotated[float, typer.Option(
+        help="Close a connection idle this long between requests.")] = 5.0,
+    max_connections: Annotated[int, typer.Option(
+        help="Open connections per worker; more get 503 (lowered to the open-file "
+             "limit less 256).")] = 2048,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
     api_key: Annotated[str, typer.Option(
@@ -62,7 +70,7 @@ def command(
 
     from serve import start_failure
     from serve.artifact import load_artifact
-    from serve.launcher import ServerHandle, spawn
+    from serve.launcher import ServerHandle, server_home, spawn
     from serve.schemas import Limits, ServeSettings
 
     console = Console(stderr=True)
@@ -73,7 +81,8 @@ def command(
             max_batch_size=max_batch_size, max_latency_ms=max_latency_ms, workers=workers,
             access_log=access_log, max_running=max_running, max_kv_tokens=max_kv_tokens,
             max_waiting=max_waiting, queue_timeout_s=queue_timeout_s, api_key=api_key,
-            max_prefill_tokens=max_prefill_tokens,
+            max_prefill_tokens=max_prefill_tokens, header_timeout_s=header_timeout_s,
+            keep_alive_timeout_s=keep_alive_timeout_s, max_connections=max_connections,
             limits=Limits(max_items=max_items, max_input_tokens=max_input_tokens,
                           long_input=long_input, max_new_tokens=max_new_tokens,
                           max_concurrency=max_concurrency, max_body_bytes=max_body_bytes,
@@ -82,9 +91,10 @@ def command(
         err = exc.errors()[0]
         raise ModelpressError(f"--{str(err['loc'][-1]).replace('_', '-')}: "
                               f"{err['msg']}") from None
-    failure_file = start_failure.new_file()
+    home = server_home(port)  # its own metrics store
+    failure_file = home / start_failure.FILE_NAME
     process = spawn(settings, host, port,
-                    env={**os.environ, start_failure.ENV: str(failure_file)})
+                    env={**os.environ, start_failure.ENV: str(failure_file)}, home=home)
     stopping: list[Literal[True]] = []
     failure: str | None = None
 
@@ -106,9 +116,9 @@ def command(
             time.sleep(0.2)
         code = process.returncode
     finally:
-        # SIGTERM, wait, then kill what is left of its process group (the workers)
-        ServerHandle(url="", pid=process.pid, port=port, process=process).stop(timeout=30)
-        start_failure.remove(failure_file)
+        # SIGTERM, wait, kill what is left of its process group (the workers), remove home
+        ServerHandle(url="", pid=process.pid, port=port, process=process,
+                     home=home).stop(timeout=30)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if failure is not None:

@@ -12,8 +12,9 @@ from typing import Any
 
 import bentoml
 import pytest
+from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from serve.asgi import DirectRoutesApp, DirectRoutesFront, direct_routes_service
 from serve.classify_route import ClassifyEndpoint, read_raw_body, send_json
@@ -135,16 +136,30 @@ class _Echo:
         return await send_json(send, 200, {"bytes": len(body)})
 
 
+class _Inner(Starlette):
+    """Stands for BentoML's app: its routes (one of its own, the mounted app), and a
+    record of the requests that reached it."""
+
+    def __init__(self, routes: DirectRoutesApp) -> None:
+        super().__init__(routes=[Route("/metadata", _plain, methods=["GET"]),
+                                 Mount("/", app=routes)])
+        self.calls: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.calls.append(scope["path"])
+        await PlainTextResponse("inner")(scope, receive, send)
+
+
+async def _plain(request: Any) -> PlainTextResponse:
+    return PlainTextResponse("inner")
+
+
 def _front(api_key: str | None = None,
            access_log: bool = False) -> tuple[DirectRoutesFront, list[str]]:
-    inner_calls: list[str] = []
-
-    async def inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        inner_calls.append(scope["path"])
-        await PlainTextResponse("inner")(scope, receive, send)
     routes = DirectRoutesApp([Route("/classify", _Echo(), methods=["POST"])],
                              direct=["/classify"])
-    return DirectRoutesFront(inner, routes, api_key, access_log), inner_calls
+    inner = _Inner(routes)
+    return DirectRoutesFront(inner, routes, api_key, access_log), inner.calls
 
 
 def _call(app: Any, scope: dict[str, Any], body: bytes = b"{}") -> list[dict[str, Any]]:
@@ -168,9 +183,12 @@ def test_front_answers_direct_routes_and_records_bentoml_request_metrics():
         sent = _call(front, _scope(), b'{"texts": ["a"]}')
         assert sent[0]["status"] == 200 and json.loads(sent[1]["body"]) == {"bytes": 16}
     _call(front, _scope("/metadata", "GET"))
-    _call(front, _scope("/classify", "GET"))  # not the direct route's method
-    assert inner_calls == ["/metadata", "/classify"]
+    sent = _call(front, _scope("/classify", "GET"))  # not the direct route's method
+    assert sent[0]["status"] == 405 and json.loads(sent[1]["body"])["error"]["code"] == (
+        "method_not_allowed")
+    assert inner_calls == ["/metadata"]
     assert _count(front, "total", "200") == 3 and _count(front, "duration", "200") == 3
+    assert _count(front, "total", "405") == 1
 
 
 def test_front_checks_the_api_key_on_direct_routes():
