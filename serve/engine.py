@@ -12,6 +12,11 @@ in a thread of its own. Each iteration it
    max new tokens of every running sequence), prefilling each (its first token),
 4. decodes one token for every running sequence in one batched step.
 
+A greedy answer does not depend on the other requests in the batch: the step LMs decode
+each row exactly as alone (left padding masked, own positions); for dynamic-int8 graphs,
+whose activation scale spans the whole batch, that means one forward per sequence
+(:func:`serve.step_lm.decode_per_row`).
+
 So a request joins the running batch at the next step and never waits for another
 request's whole generation. Tokens go to each request's asyncio queue (one thread hop
 per step for all of them). Token counts and ``finish_reason`` come from the engine's
