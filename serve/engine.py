@@ -7,15 +7,16 @@ in a thread of its own. Each iteration it
    seen) and drops the aborted ones still waiting,
 2. refuses waiting requests whose queue deadline has passed (the route answers 503
    before any response header),
-3. admits waiting requests in arrival order (FIFO: the head is never overtaken) while
-   the running sequences stay within ``max_running`` and ``max_kv_tokens`` (prompt +
-   max new tokens of every running sequence), prefilling each (its first token),
-4. decodes one token for every running sequence in one batched step.
+3. asks the :class:`serve.scheduler.Scheduler` for the step's plan (FIFO admission, the
+   prompt chunks to prefill and the sequences to decode under one token budget, KV that
+   grows per token, preemption when it cannot) and runs it: preempted slots are freed,
+   chunks prefilled (a prompt's last chunk gives its first token, delivered at once),
+   then every decoding sequence gets one token from one batched step.
 
 A greedy answer does not depend on the other requests in the batch: the step LMs decode
 each row exactly as alone (left padding masked, own positions); for dynamic-int8 graphs,
 whose activation scale spans the whole batch, that means one forward per sequence
-(:func:`serve.step_lm.decode_per_row`).
+(:func:`serve.step_lm.decode_per_row`), whole-prompt prefills and no prefix cache.
 
 So a request joins the running batch at the next step and never waits for another
 request's whole generation. Tokens go to each request's asyncio queue (one thread hop
@@ -31,13 +32,15 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 from serve.llm_metrics import LLMMetrics, llm_metrics
+from serve.prefix_cache import PrefixCache
 from serve.runtimes import GenerationParams
 from serve.sampling import Sampler
+from serve.scheduler import Chunk, Scheduler, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +51,34 @@ class EngineConfig:
 
     Attributes:
         max_running: Sequences decoded together (vLLM's ``max_num_seqs``).
-        max_kv_tokens: Budget over running sequences of prompt + max new tokens.
+        max_kv_tokens: KV budget in tokens: every running sequence's prompt and generated
+            tokens, plus the prefix cache's blocks. A request needing more than this alone
+            (prompt + max new tokens) is refused.
         max_waiting: Requests queued for admission; more are refused at once (503).
         queue_timeout_s: Longest wait for admission before a 503 with ``Retry-After``.
-        max_prefill_tokens: Prompt tokens prefilled in one step before the running
-            sequences decode again (as vLLM's ``max_num_batched_tokens`` bounds a step): a
-            burst of long prompts does not stall every running stream until all are in.
-            One prompt per step is always admitted, however long.
+        max_num_batched_tokens: Tokens fed to the model in one step (vLLM's name): one per
+            decoding sequence plus prompt chunks up to the rest, so a long prompt or a
+            burst of them is prefilled over several steps, between the running streams'
+            decode steps. A step LM that cannot prefill in chunks gets whole prompts, at
+            least one per step.
+        max_prefill_tokens: Deprecated: a budget of prompt tokens per step alone (decode
+            tokens not counted); when set it replaces ``max_num_batched_tokens``.
+        prefix_cache: Reuse the KV of prompt prefixes across requests
+            (:mod:`serve.prefix_cache`) where the step LM can copy KV rows.
     """
 
     max_running: int = 32
     max_kv_tokens: int = 32_768
     max_waiting: int = 256
     queue_timeout_s: float = 30.0
-    max_prefill_tokens: int = 2048
+    max_num_batched_tokens: int = 2048
+    max_prefill_tokens: int | None = None
+    prefix_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_prefill_tokens is not None:
+            warnings.warn("max_prefill_tokens is deprecated: use max_num_batched_tokens",
+                          DeprecationWarning, stacklevel=3)
 
 
 class EngineRefused(Exception):
@@ -93,11 +110,25 @@ class Sequence:
     aborted: bool = False
     finished: bool = False
     abort_reason: str | None = None  # "stop": ended by its consumer (a stop sequence)
+    output: list[int] = field(default_factory=list)
+    prefill_ids: list[int] = field(default_factory=list)  # what its slot must hold first
+    computed: int = 0  # tokens of prefill_ids in its slot
+    prefilled: bool = False  # decoding (its prefill done)
+    kv_tokens: int = 0  # KV tokens it holds in the budget
+    admitted_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.prefill_ids = list(self.prompt_ids)
 
     @property
     def need(self) -> int:
-        """KV tokens this sequence may use: prompt + max new tokens."""
+        """KV tokens this sequence may use at most: prompt + max new tokens."""
         return len(self.prompt_ids) + self.params.max_new_tokens
+
+    def preempt(self) -> None:
+        """Forget the slot: it is prefilled again from its prompt and generated tokens."""
+        self.prefill_ids = self.prompt_ids + self.output
+        self.computed, self.prefilled, self.kv_tokens = 0, False, 0
 
 
 @dataclass
@@ -114,7 +145,7 @@ Events = list[tuple[Sequence, Event]]
 
 
 class Engine:
-    """Continuous-batching scheduler over a step-level LM (see the module docstring).
+    """Continuous-batching runner over a step-level LM (see the module docstring).
 
     Args:
         lm: The step-level model (only the engine thread calls it).
@@ -130,15 +161,23 @@ class Engine:
         self.config = config
         self.metrics = metrics or llm_metrics()
         self.context = int(lm.max_length)
+        self._chunked = bool(getattr(lm, "chunked_prefill", False))
+        self.cache = (PrefixCache(on_counts=self._count_cache)
+                      if config.prefix_cache and getattr(lm, "copies_kv", False) else None)
+        self.scheduler = Scheduler(config, self._chunked, self.cache)
+        self.steps = 0  # model steps run (plans with work)
+        self.max_running_seen = 0
         self._ids = itertools.count()
         self._cond = threading.Condition()
-        self._waiting: deque[Sequence] = deque()
         self._aborts: list[Sequence] = []
-        self._running: list[Sequence] = []
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="modelpress-engine",
                                         daemon=True)
         self._thread.start()
+
+    def _count_cache(self, hit: int, miss: int) -> None:
+        self.metrics.prefix_cache_hits.inc(hit)
+        self.metrics.prefix_cache_misses.inc(miss)
 
     # --- the event-loop side --------------------------------------------------------
 
@@ -160,14 +199,15 @@ class Engine:
         seq = Sequence(id=next(self._ids), prompt_ids=list(prompt_ids), params=params,
                        queue=asyncio.Queue(), loop=asyncio.get_running_loop(),
                        arrived=time.monotonic(), sampler=Sampler(params))
+        waiting = self.scheduler.waiting
         with self._cond:
             if self._closed:
                 raise EngineRefused("server is shutting down", 503)
-            if len(self._waiting) >= self.config.max_waiting:
-                raise EngineRefused(f"server overloaded: {len(self._waiting)} requests "
+            if len(waiting) >= self.config.max_waiting:
+                raise EngineRefused(f"server overloaded: {len(waiting)} requests "
                                     "waiting; retry later", 503)
-            self._waiting.append(seq)
-            self.metrics.waiting.set(len(self._waiting))
+            waiting.append(seq)
+            self.metrics.waiting.set(len(waiting))
             self._cond.notify()
         return seq
 
@@ -191,9 +231,10 @@ class Engine:
     # --- the engine thread ----------------------------------------------------------
 
     def _loop(self) -> None:
+        sched = self.scheduler
         while True:
             with self._cond:
-                while not (self._closed or self._waiting or self._aborts or self._running):
+                while not (self._closed or sched.waiting or self._aborts or sched.running):
                     self._cond.wait()
                 if self._closed:
                     break
@@ -202,85 +243,96 @@ class Engine:
             try:
                 self._free_aborted(aborts)
                 self._expire(step)
-                self._admit(step)
-                self._decode(step)
+                with self._cond:
+                    plan = sched.schedule()
+                    self.metrics.waiting.set(len(sched.waiting))
+                self._run(plan, step)
             except Exception as exc:  # a model failure ends the running requests, not us
                 log.exception("engine step failed")
                 error = EngineRefused(f"internal error while running the model ({exc})", 500)
-                for seq in list(self._running):
+                for seq in list(sched.running):
                     self._finish(seq, step, error=error)
             self._deliver(step)
         step: Events = []
         error = EngineRefused("server is shutting down", 503)
-        for seq in [*self._running, *self._waiting]:
+        for seq in [*sched.running, *sched.waiting]:
             self._finish(seq, step, error=error)
         self._deliver(step)
 
+    def _free_slot(self, seq: Sequence) -> None:
+        try:
+            self.lm.free(seq.id)
+        except Exception:  # its prefill failed (or never ran) before it had a cache
+            log.debug("no cache to free for sequence %d", seq.id)
+
     def _free_aborted(self, aborts: list[Sequence]) -> None:
         for seq in aborts:
-            if seq in self._running:
-                self._running.remove(seq)
-                self.lm.free(seq.id)
             with self._cond:  # a waiting one leaves the queue now, not when it is the head
-                if seq in self._waiting:
-                    self._waiting.remove(seq)
+                running = self.scheduler.remove(seq)
+            if running:
+                self._free_slot(seq)
             seq.finished = True
             if seq.abort_reason == "stop":
                 self.metrics.request_success.labels(finished_reason="stop").inc()
             else:
                 self.metrics.request_aborted.inc()
-        self.metrics.running.set(len(self._running))
-        with self._cond:
-            self.metrics.waiting.set(len(self._waiting))
+        self.metrics.running.set(len(self.scheduler.running))
 
     def _expire(self, step: Events) -> None:
         now, timeout = time.monotonic(), self.config.queue_timeout_s
+        waiting = self.scheduler.waiting
         with self._cond:
-            while self._waiting and (self._waiting[0].aborted
-                                     or now - self._waiting[0].arrived > timeout):
-                seq = self._waiting.popleft()
+            while waiting and (waiting[0].aborted or (
+                    waiting[0].admitted_at is None and now - waiting[0].arrived > timeout)):
+                seq = waiting.popleft()
                 if seq.aborted:
                     continue
                 self.metrics.request_queue_timeout.inc()
                 self._finish(seq, step, error=EngineRefused(
                     f"server overloaded: not scheduled within {timeout:g} s; retry later"))
-            self.metrics.waiting.set(len(self._waiting))
+            self.metrics.waiting.set(len(waiting))
 
-    def _admit(self, step: Events) -> None:
-        prefilled = 0
-        while True:
-            with self._cond:
-                used = sum(s.need for s in self._running)
-                head = self._waiting[0] if self._waiting else None
-                if (head is None or len(self._running) >= self.config.max_running
-                        or used + head.need > self.config.max_kv_tokens
-                        or (prefilled and prefilled + len(head.prompt_ids)
-                            > self.config.max_prefill_tokens)):
-                    self.metrics.waiting.set(len(self._waiting))
-                    return
-                self._waiting.popleft()
-                if head.aborted:
-                    continue
-            now = time.monotonic()
-            self.metrics.queue_time.observe(now - head.arrived)
-            self._running.append(head)  # before prefill: a failure there ends it too
-            logits = self.lm.prefill(head.id, head.prompt_ids)
-            prefilled += len(head.prompt_ids)
-            self.metrics.prompt_tokens.inc(len(head.prompt_ids))
-            self.metrics.running.set(len(self._running))
-            self._emit(head, head.sampler(logits), step)
-            # its first token goes out now, not after the other admissions' prefills
-            self._deliver(step)
-            step.clear()
-
-    def _decode(self, step: Events) -> None:
-        batch = [s for s in self._running if not s.finished]
+    def _run(self, plan: StepPlan, step: Events) -> None:
+        """Execute one plan: free the preempted, prefill the chunks, decode the rest."""
+        for seq in plan.preempted:
+            self._free_slot(seq)
+        running = len(self.scheduler.running)
+        self.metrics.running.set(running)
+        self.max_running_seen = max(self.max_running_seen, running)
+        if plan.chunks or plan.decodes:
+            self.steps += 1
+        for chunk in plan.chunks:
+            self._prefill(chunk, step)
+        batch = [s for s in plan.decodes if not s.finished]
         if not batch:
             return
         self.metrics.step_sequences.observe(len(batch))
         logits = self.lm.decode([s.id for s in batch], [s.last_token for s in batch])
         for seq, row in zip(batch, logits, strict=True):
             self._emit(seq, seq.sampler(row), step)
+
+    def _prefill(self, chunk: Chunk, step: Events) -> None:
+        seq = chunk.seq
+        if seq.admitted_at is None:
+            seq.admitted_at = time.monotonic()
+            self.metrics.queue_time.observe(seq.admitted_at - seq.arrived)
+        if chunk.cached:
+            self.lm.load_prefix(seq.id, chunk.cached)
+        ids = seq.prefill_ids[chunk.start:chunk.stop]
+        logits = (self.lm.prefill(seq.id, ids, chunk.start) if self._chunked
+                  else self.lm.prefill(seq.id, ids))
+        self.scheduler.done(chunk)
+        if not chunk.last:
+            return
+        if seq.generated == 0:
+            self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+        if self.cache is not None:
+            self.cache.insert(seq.prefill_ids, lambda a, b: self.lm.read_kv(seq.id, a, b),
+                              lambda: self.config.max_kv_tokens - self.scheduler.kv_used())
+        self._emit(seq, seq.sampler(logits), step)
+        # its first token goes out now, not after the other admissions' prefills
+        self._deliver(step)
+        step.clear()
 
     def _emit(self, seq: Sequence, token: int, step: Events) -> None:
         """Record one sampled token: deliver it, or end the sequence (EOS, length)."""
@@ -293,6 +345,7 @@ class Engine:
         else:
             self.metrics.inter_token_latency.observe(now - seq.last_time)
         seq.generated += 1
+        seq.output.append(token)
         seq.last_token, seq.last_time = token, now
         self.metrics.generation_tokens.inc()
         step.append((seq, Event(token=token)))
@@ -302,13 +355,9 @@ class Engine:
 
     def _finish(self, seq: Sequence, step: Events, reason: str | None = None,
                 error: EngineRefused | None = None) -> None:
-        if seq in self._running:
-            self._running.remove(seq)
-            try:
-                self.lm.free(seq.id)
-            except Exception:  # its prefill failed before it had a cache
-                log.debug("no cache to free for sequence %d", seq.id)
-            self.metrics.running.set(len(self._running))
+        if self.scheduler.remove(seq):
+            self._free_slot(seq)
+            self.metrics.running.set(len(self.scheduler.running))
         seq.finished = True
         if reason is not None:
             self.metrics.request_success.labels(finished_reason=reason).inc()
@@ -329,4 +378,3 @@ class Engine:
 def _put_all(events: Events) -> None:
     for seq, event in events:
         seq.queue.put_nowait(event)
-

@@ -35,6 +35,8 @@ class LLMMetrics:
     request_aborted: Any
     request_queue_timeout: Any
     step_sequences: Any
+    prefix_cache_hits: Any
+    prefix_cache_misses: Any
 
 
 _CACHE: list[LLMMetrics] = []
@@ -75,6 +77,11 @@ def llm_metrics() -> LLMMetrics:
         step_sequences=prom.Histogram(
             p + "engine_step_sequences", "Sequences decoded together per engine step.",
             buckets=_BATCH_BUCKETS),
+        prefix_cache_hits=prom.Counter(
+            p + "prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache."),
+        prefix_cache_misses=prom.Counter(
+            p + "prefix_cache_misses", "Prompt tokens prefilled with the prefix cache on "
+            "(not found in it)."),
     )
     _CACHE.append(metrics)
     return metrics

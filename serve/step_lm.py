@@ -50,13 +50,20 @@ class StepLM(Protocol):
     Attributes:
         vocab_size: Width of the returned logits.
         max_length: Context length (prompt + generated tokens) per sequence.
+        chunked_prefill: Whether :meth:`prefill` continues a slot that holds tokens
+            (``start > 0``) exactly as one whole prefill would (not for dynamic-int8
+            graphs, whose activation scale spans the whole input).
+        copies_kv: Whether :meth:`read_kv` / :meth:`load_prefix` work (prefix caching).
     """
 
     vocab_size: int
     max_length: int
+    chunked_prefill: bool
+    copies_kv: bool
 
-    def prefill(self, slot: int, prompt_ids: list[int]) -> np.ndarray:
-        """Create ``slot``'s KV cache from the prompt; float32 next-token logits ``[vocab]``."""
+    def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> np.ndarray:
+        """Append ``prompt_ids`` to ``slot``'s cache, which holds ``start`` tokens (0: a new
+        slot), at positions ``start...``; float32 next-token logits ``[vocab]``."""
         ...
 
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
@@ -65,6 +72,16 @@ class StepLM(Protocol):
 
     def free(self, slot: int) -> None:
         """Drop the slot's cache now (the slot id may be prefilled again)."""
+        ...
+
+    def read_kv(self, slot: int, start: int, stop: int) -> list[LayerKV]:
+        """A copy of ``slot``'s cached keys/values at positions ``[start, stop)``, per layer
+        ``[kv_heads, stop - start, head_dim]``."""
+        ...
+
+    def load_prefix(self, slot: int, blocks: list[list[LayerKV]]) -> None:
+        """Create ``slot``'s cache from consecutive :meth:`read_kv` blocks (positions 0...);
+        :meth:`prefill` then continues it with ``start`` = their total length."""
         ...
 
 
@@ -90,19 +107,46 @@ class SlotTable:
         """Token columns of the running batch."""
         return int(self.kv[0][0].shape[2]) if self.kv else 0
 
-    def check_prompt(self, slot: int, n: int) -> None:
-        """Refuse an empty prompt, a slot in use, or a prompt that leaves no room to decode."""
-        if slot in self.lengths:
+    def check_prompt(self, slot: int, n: int, start: int = 0) -> None:
+        """Refuse an empty chunk, a new slot in use, a continued slot not holding ``start``
+        tokens of its own, or a prompt that leaves no room to decode."""
+        if start == 0 and slot in self.lengths:
             raise ValueError(f"slot {slot} is in use; free it before prefilling it again")
+        if start and (self.lengths.get(slot) != start or slot not in self._solo):
+            raise ValueError(f"slot {slot} does not hold {start} tokens of its own to "
+                             "continue")
         if n < 1:
             raise ValueError(f"slot {slot}: the prompt has no tokens")
-        if n >= self.max_length:
-            raise ContextLengthExceeded(0, n, 1, self.max_length)
+        if start + n >= self.max_length:
+            raise ContextLengthExceeded(0, start + n, 1, self.max_length)
 
     def add(self, slot: int, kv: list[LayerKV], n: int) -> None:
         """Register a prefilled slot with its own cache (``[1, H, n, D]`` per layer)."""
         self.lengths[slot] = n
         self._solo[slot] = kv
+
+    def read(self, slot: int, start: int, stop: int) -> list[LayerKV]:
+        """A copy of ``slot``'s keys/values ``[H, stop - start, D]`` per layer."""
+        return [(_copy(k[0, :, start:stop]), _copy(v[0, :, start:stop]))
+                for k, v in self._own(slot)]
+
+    def load(self, slot: int, blocks: list[list[LayerKV]]) -> None:
+        """Create ``slot``'s own cache from consecutive :meth:`read` blocks."""
+        self.check_prompt(slot, 1)
+        n = sum(int(block[0][0].shape[1]) for block in blocks)
+        kv: list[LayerKV] = []
+        for layer in range(len(blocks[0])):
+            like = blocks[0][layer][0]
+            keys = self._zeros(like, (1, like.shape[0], n, like.shape[2]))
+            values = self._zeros(like, (1, like.shape[0], n, like.shape[2]))
+            at = 0
+            for block in blocks:
+                width = int(block[layer][0].shape[1])
+                keys[0, :, at:at + width] = block[layer][0]
+                values[0, :, at:at + width] = block[layer][1]
+                at += width
+            kv.append((keys, values))
+        self.add(slot, kv, n)
 
     def lone(self, slot: int) -> list[LayerKV]:
         """``slot``'s own cache (``[1, H, n, D]`` per layer) for a step of it alone; a slot
@@ -179,9 +223,7 @@ class SlotTable:
         """Build the batch for ``rows``; batch rows left out get their own (copied) cache."""
         for slot in self.rows:
             if slot not in rows and slot in self.lengths:
-                self._solo[slot] = [(k.copy() if isinstance(k, np.ndarray) else k.clone(),
-                                     v.copy() if isinstance(v, np.ndarray) else v.clone())
-                                    for k, v in self._own(slot)]
+                self._solo[slot] = [(_copy(k), _copy(v)) for k, v in self._own(slot)]
         sources = [self._own(slot) for slot in rows]
         width = max((self.lengths[slot] for slot in rows), default=0)
         kv: list[LayerKV] = []
@@ -199,6 +241,11 @@ class SlotTable:
         self.rows, self.kv = rows, kv
         self.layout += 1
         log.debug("step batch re-laid out: %d rows x %d tokens", len(rows), width)
+
+
+def _copy(array: Any) -> Any:
+    """A copy of a numpy array or torch tensor."""
+    return array.copy() if isinstance(array, np.ndarray) else array.clone()
 
 
 class TorchStepLM:
@@ -222,6 +269,7 @@ class TorchStepLM:
                                lambda like, shape: like.new_zeros(shape))
         self._cache: Any = None
         self._cache_layout = -1
+        self.chunked_prefill = self.copies_kv = True
 
     def _mask(self, mask: np.ndarray) -> Any:
         """The step's attention mask; with padding, the 4D mask attention takes directly.
@@ -247,17 +295,24 @@ class TorchStepLM:
     def _logits(self, out: Any) -> np.ndarray:
         return out.logits[:, -1, :].float().cpu().numpy()
 
-    def prefill(self, slot: int, prompt_ids: list[int]) -> np.ndarray:
-        """Create ``slot``'s KV cache from the prompt; float32 logits ``[vocab]``."""
+    def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> np.ndarray:
+        """Append ``prompt_ids`` to ``slot``'s cache (``start`` tokens held); float32 logits
+        ``[vocab]``."""
         torch = self._torch
-        self.table.check_prompt(slot, len(prompt_ids))
+        n = len(prompt_ids)
+        self.table.check_prompt(slot, n, start)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        cache = self._cache_cls()
+        cache = (self._cache_cls(ddp_cache_data=self.table.lone(slot)) if start
+                 else self._cache_cls())
+        positions = torch.arange(start, start + n, device=self.device)[None]
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids,
+                             attention_mask=torch.ones((1, start + n), dtype=torch.long,
+                                                       device=self.device),
+                             position_ids=positions, past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        self.table.add(slot, kv, len(prompt_ids))
+        self.table.add(slot, kv, start + n)
         return self._logits(out)[0]
 
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
@@ -289,3 +344,11 @@ class TorchStepLM:
         self.table.free(slot)
         if self._cache_layout != self.table.layout:
             self._cache, self._cache_layout = None, -1
+
+    def read_kv(self, slot: int, start: int, stop: int) -> list[LayerKV]:
+        """A copy of ``slot``'s keys/values at ``[start, stop)`` per layer."""
+        return self.table.read(slot, start, stop)
+
+    def load_prefix(self, slot: int, blocks: list[list[LayerKV]]) -> None:
+        """Create ``slot``'s cache from cached prefix blocks."""
+        self.table.load(slot, blocks)

@@ -45,6 +45,9 @@ class GenaiStepLM:
 
         self._ort = ort
         self.per_row = per_row
+        # a dynamic-int8 graph's activation scale spans the whole input: a chunk or a
+        # copied prefix would not give the whole prompt's numbers
+        self.chunked_prefill = self.copies_kv = not per_row
         config = json.loads((Path(path) / "genai_config.json").read_text())["model"]
         decoder = config["decoder"]
         self.vocab_size = int(config["vocab_size"])
@@ -120,19 +123,56 @@ class GenaiStepLM:
         logits = binding.get_outputs()[-1].numpy()
         return logits[:, -1, :].astype(np.float32)
 
-    def prefill(self, slot: int, prompt_ids: list[int]) -> np.ndarray:
-        """Cache ``prompt_ids`` in a new row for ``slot``; logits [vocab] of the next token."""
+    def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> np.ndarray:
+        """Append ``prompt_ids`` to ``slot``'s row, which holds ``start`` tokens (0: a new
+        row); logits [vocab] of the next token."""
+        if (slot in self._rows) != bool(start):
+            raise ValueError(f"slot {slot} is already in use" if start == 0 else
+                             f"slot {slot} has no row to continue")
+        if start and self._lengths[self._rows[slot]] != start:
+            raise ValueError(f"slot {slot} does not hold {start} tokens")
+        if not 0 < len(prompt_ids) < self.max_length - start:
+            raise ValueError(f"prompt of {start + len(prompt_ids)} tokens does not fit the "
+                             f"context of {self.max_length}")
+        if start:
+            row = self._rows[slot]
+            self._grow(start + len(prompt_ids) + 1)
+        else:
+            row = self._reserve(len(prompt_ids) + 1)
+            self._rows[slot] = row
+            self._lengths[row] = 0
+        logits = self._run(row, row + 1, np.asarray([prompt_ids], dtype=np.int64))
+        self._lengths[row] = start + len(prompt_ids)
+        return logits[0]
+
+    def _grow(self, need_length: int) -> None:
+        """Make the buffers at least ``need_length`` tokens long (doubling)."""
+        length = self._buffers[0].shape[2]
+        if need_length > length:
+            self._allocate(self._buffers[0].shape[0], max(need_length, 2 * length))
+
+    def read_kv(self, slot: int, start: int, stop: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A copy of ``slot``'s keys/values at ``[start, stop)`` per layer."""
+        row = self._rows[slot]
+        buffers = [b[row, :, start:stop].copy() for b in self._buffers]
+        return list(zip(buffers[0::2], buffers[1::2], strict=True))
+
+    def load_prefix(self, slot: int, blocks: list[list[tuple[np.ndarray, np.ndarray]]]
+                    ) -> None:
+        """Create ``slot``'s row from cached prefix blocks (positions 0...)."""
         if slot in self._rows:
             raise ValueError(f"slot {slot} is already in use")
-        if not 0 < len(prompt_ids) < self.max_length:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the context "
-                             f"of {self.max_length}")
-        row = self._reserve(len(prompt_ids) + 1)
+        n = sum(int(block[0][0].shape[1]) for block in blocks)
+        row = self._reserve(n + 1)
         self._rows[slot] = row
-        self._lengths[row] = 0
-        logits = self._run(row, row + 1, np.asarray([prompt_ids], dtype=np.int64))
-        self._lengths[row] = len(prompt_ids)
-        return logits[0]
+        at = 0
+        for block in blocks:
+            width = int(block[0][0].shape[1])
+            for layer, (keys, values) in enumerate(block):
+                self._buffers[2 * layer][row, :, at:at + width] = keys
+                self._buffers[2 * layer + 1][row, :, at:at + width] = values
+            at += width
+        self._lengths[row] = n
 
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
         """Append ``tokens[i]`` to ``slots[i]`` in one batch; logits [len(slots), vocab].
@@ -142,9 +182,7 @@ class GenaiStepLM:
         """
         rows = [self._rows[s] for s in slots]
         first, stop = min(rows), max(rows) + 1
-        need, length = int(self._lengths[first:stop].max()) + 1, self._buffers[0].shape[2]
-        if need > length:
-            self._allocate(self._buffers[0].shape[0], max(need, 2 * length))
+        self._grow(int(self._lengths[first:stop].max()) + 1)
         if self.per_row:
             out = np.empty((len(rows), self.vocab_size), dtype=np.float32)
             for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):

@@ -53,6 +53,9 @@ class OnnxStepLM:
         self.session = session
         self.max_length = int(max_length)
         self.per_row = per_row
+        # a dynamic-int8 graph's activation scale spans the whole input: a chunk or a
+        # copied prefix would not give the whole prompt's numbers
+        self.chunked_prefill = self.copies_kv = not per_row
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]
         self._past = _layer_names(list(inputs), _PAST)
@@ -87,15 +90,20 @@ class OnnxStepLM:
             self.vocab_size = int(logits.shape[-1])
         return logits[:, -1, :].astype(np.float32), kv
 
-    def prefill(self, slot: int, prompt_ids: list[int]) -> np.ndarray:
-        """Create ``slot``'s KV cache from the prompt; float32 next-token logits ``[vocab]``."""
+    def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> np.ndarray:
+        """Append ``prompt_ids`` to ``slot``'s cache (``start`` tokens held); float32
+        next-token logits ``[vocab]``."""
         n = len(prompt_ids)
-        self.table.check_prompt(slot, n)
-        empty = np.zeros((1, self._heads, 0, self._head_dim), dtype=self._dtype)
+        self.table.check_prompt(slot, n, start)
+        if start:
+            past = self.table.lone(slot)
+        else:
+            empty = np.zeros((1, self._heads, 0, self._head_dim), dtype=self._dtype)
+            past = [(empty, empty)] * len(self._past)
         ids = np.asarray([prompt_ids], dtype=np.int64)
-        logits, kv = self._run(ids, np.ones_like(ids), np.arange(n, dtype=np.int64)[None],
-                               [(empty, empty)] * len(self._past))
-        self.table.add(slot, kv, n)
+        logits, kv = self._run(ids, np.ones((1, start + n), dtype=np.int64),
+                               np.arange(start, start + n, dtype=np.int64)[None], past)
+        self.table.add(slot, kv, start + n)
         return logits[0]
 
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
@@ -128,3 +136,11 @@ class OnnxStepLM:
     def free(self, slot: int) -> None:
         """Drop the slot's cache now (its batch row is removed at once)."""
         self.table.free(slot)
+
+    def read_kv(self, slot: int, start: int, stop: int) -> list[LayerKV]:
+        """A copy of ``slot``'s keys/values at ``[start, stop)`` per layer."""
+        return self.table.read(slot, start, stop)
+
+    def load_prefix(self, slot: int, blocks: list[list[LayerKV]]) -> None:
+        """Create ``slot``'s cache from cached prefix blocks."""
+        self.table.load(slot, blocks)
