@@ -44,6 +44,7 @@ class PrefixCache:
         self._on_counts = on_counts
         self.hits = 0
         self.misses = 0
+        self.evicted = 0  # blocks
 
     @property
     def tokens(self) -> int:
@@ -112,4 +113,5 @@ class PrefixCache:
         if not self._blocks:
             return False
         self._blocks.popitem(last=False)
+        self.evicted += 1
         return True

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from serve.prefix_cache import PrefixCache
 
 if TYPE_CHECKING:
-    from serve.engine import EngineConfig, Sequence
+    from serve.sequence import EngineConfig, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class Scheduler:
         self.cache = cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0
 
     def kv_used(self) -> int:
         """KV tokens held: the running sequences' plus the prefix cache's blocks."""
@@ -148,6 +149,7 @@ class Scheduler:
         seq.preempt()
         self.waiting.appendleft(seq)
         plan.preempted.append(seq)
+        self.preemptions += 1
         log.info("sequence %d preempted: the KV budget of %d tokens is full; it resumes "
                  "after %d generated tokens", seq.id, self.config.max_kv_tokens,
                  seq.generated)

@@ -95,11 +95,15 @@ class ServeSettings(BaseModel):
             ``body_timeout_s`` and ``max_latency_ms`` instead (it bypasses BentoML's layers).
         access_log: Log every request (BentoML's access log).
         max_running: Generation: sequences decoded together per engine step.
-        max_kv_tokens: Generation: budget of prompt + max new tokens over running sequences.
+        max_kv_tokens: Generation: KV budget in tokens (running sequences' prompt and
+            generated tokens, plus the prefix cache); it grows per token, with preemption.
         max_waiting: Generation: requests queued for admission before 503s.
         queue_timeout_s: Generation: longest wait for admission (503 with Retry-After).
-        max_prefill_tokens: Generation: prompt tokens prefilled per engine step before the
-            running sequences decode again.
+        max_num_batched_tokens: Generation: tokens per engine step (one per decoding
+            sequence plus prompt chunks): long prompts are prefilled in chunks.
+        max_prefill_tokens: Generation, deprecated: prompt tokens per step alone; when set
+            it replaces ``max_num_batched_tokens``.
+        prefix_cache: Generation: reuse the KV of shared prompt prefixes.
         api_key: When set, every route but the health checks and ``/metrics`` needs
             ``Authorization: Bearer <api_key>`` (``MODELPRESS_API_KEY``).
         header_timeout_s: Longest time for a request's headers to arrive, from its first
@@ -124,7 +128,9 @@ class ServeSettings(BaseModel):
     max_kv_tokens: int = Field(65_536, ge=1)
     max_waiting: int = Field(256, ge=1)
     queue_timeout_s: float = Field(30.0, gt=0)
-    max_prefill_tokens: int = Field(2048, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    max_prefill_tokens: int | None = Field(None, ge=1)
+    prefix_cache: bool = True
     api_key: str = Field("", repr=False)
     header_timeout_s: float = Field(10.0, gt=0)
     keep_alive_timeout_s: float = Field(5.0, gt=0)
@@ -153,7 +159,7 @@ class ServeSettings(BaseModel):
     def to_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings."""
         out = {ENV_PREFIX + k.upper(): str(v) for k, v in self.model_dump().items()
-               if k != "limits"}
+               if k != "limits" and v is not None}  # None: the field's default
         out[ENV_PREFIX + "BATCHING"] = "1" if self.batching else "0"
         out[ENV_PREFIX + "ACCESS_LOG"] = "1" if self.access_log else "0"
         out.update({ENV_PREFIX + k.upper(): str(v) for k, v in self.limits.model_dump().items()})

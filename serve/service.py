@@ -81,12 +81,16 @@ def start_engine(runtime: Any, settings: ServeSettings) -> Engine:
                           max_kv_tokens=settings.max_kv_tokens,
                           max_waiting=settings.max_waiting,
                           queue_timeout_s=settings.queue_timeout_s,
-                          max_prefill_tokens=settings.max_prefill_tokens)
+                          max_num_batched_tokens=settings.max_num_batched_tokens,
+                          max_prefill_tokens=settings.max_prefill_tokens,
+                          prefix_cache=settings.prefix_cache)
     engine = Engine(runtime.step_lm(), set(runtime.eos_ids), config)
     log.info("generation engine: max_running=%d max_kv_tokens=%d max_waiting=%d "
-             "queue_timeout_s=%g max_prefill_tokens=%d", config.max_running,
+             "queue_timeout_s=%g max_num_batched_tokens=%d max_prefill_tokens=%s "
+             "chunked_prefill=%s prefix_cache=%s", config.max_running,
              config.max_kv_tokens, config.max_waiting, config.queue_timeout_s,
-             config.max_prefill_tokens)
+             config.max_num_batched_tokens, config.max_prefill_tokens, engine.chunked,
+             engine.cache is not None)
     return engine
 
 
@@ -195,7 +199,10 @@ class Modelpress:
                                         "max_kv_tokens": SETTINGS.max_kv_tokens,
                                         "max_waiting": SETTINGS.max_waiting,
                                         "queue_timeout_s": SETTINGS.queue_timeout_s,
-                                        "max_prefill_tokens": SETTINGS.max_prefill_tokens}
+                                        "max_num_batched_tokens":
+                                            SETTINGS.max_num_batched_tokens,
+                                        "max_prefill_tokens": SETTINGS.max_prefill_tokens,
+                                        "prefix_cache": SETTINGS.prefix_cache}
                                        if self.engine is not None else None),
                             "limits": SETTINGS.limits.model_dump()}}
 

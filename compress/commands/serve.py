@@ -40,14 +40,21 @@ def command(
     max_running: Annotated[int, typer.Option(
         help="Generation: sequences decoded together per engine step.")] = 32,
     max_kv_tokens: Annotated[int, typer.Option(
-        help="Generation: prompt + max new tokens over the running sequences.")] = 65_536,
+        help="Generation: KV budget in tokens (running sequences' prompt and generated "
+             "tokens, plus the prefix cache); it grows per token, preempting the latest "
+             "sequence when full.")] = 65_536,
     max_waiting: Annotated[int, typer.Option(
         help="Generation: requests waiting for admission before 503s.")] = 256,
     queue_timeout_s: Annotated[float, typer.Option(
         help="Generation: longest wait for admission (503 with Retry-After).")] = 30.0,
-    max_prefill_tokens: Annotated[int, typer.Option(
-        help="Generation: prompt tokens prefilled per engine step before the running "
-             "streams decode again.")] = 2048,
+    max_num_batched_tokens: Annotated[int, typer.Option(
+        help="Generation: tokens per engine step (one per decoding stream plus prompt "
+             "chunks): long prompts are prefilled in chunks between decode steps.")] = 2048,
+    max_prefill_tokens: Annotated[int | None, typer.Option(
+        help="Deprecated: prompt tokens per engine step alone (replaces "
+             "--max-num-batched-tokens when given).", show_default=False)] = None,
+    prefix_cache: Annotated[bool, typer.Option(
+        help="Generation: reuse the KV of prompt prefixes shared across requests.")] = True,
     header_timeout_s: Annotated[float, typer.Option(
         help="Longest time for a request's headers to arrive (the connection is closed "
              "past it).")] = 10.0,
@@ -81,6 +88,7 @@ def command(
             max_batch_size=max_batch_size, max_latency_ms=max_latency_ms, workers=workers,
             access_log=access_log, max_running=max_running, max_kv_tokens=max_kv_tokens,
             max_waiting=max_waiting, queue_timeout_s=queue_timeout_s, api_key=api_key,
+            max_num_batched_tokens=max_num_batched_tokens, prefix_cache=prefix_cache,
             max_prefill_tokens=max_prefill_tokens, header_timeout_s=header_timeout_s,
             keep_alive_timeout_s=keep_alive_timeout_s, max_connections=max_connections,
             limits=Limits(max_items=max_items, max_input_tokens=max_input_tokens,
