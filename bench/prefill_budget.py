@@ -1,4 +1,4 @@
-"""A burst of long prompts arriving while streams decode: what ``max_prefill_tokens`` buys.
+"""A burst of long prompts arriving while streams decode: what ``max_num_batched_tokens`` buys.
 
 In process (no HTTP), on one artifact: ``--running`` streams decode, then ``--burst`` long
 prompts (``--prompt-tokens`` each) arrive at once. Reported per budget: the running
@@ -71,11 +71,11 @@ def main() -> None:
     async def run(budget: int) -> dict:
         # EOS off: every stream decodes its full length
         engine = Engine(runtime.step_lm(), set(), EngineConfig(
-            max_running=args.running + args.burst, max_prefill_tokens=budget,
+            max_running=args.running + args.burst, max_num_batched_tokens=budget,
             max_kv_tokens=10**7))
         try:
             await burst_run(engine, running_ids, burst_ids, 1, 1, 4)  # warm-up, full length
-            return {"max_prefill_tokens": budget, **await burst_run(
+            return {"max_num_batched_tokens": budget, **await burst_run(
                 engine, running_ids, burst_ids, args.running, args.burst, args.new_tokens)}
         finally:
             engine.close()

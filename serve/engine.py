@@ -64,8 +64,10 @@ class Engine:
         self.metrics = metrics or llm_metrics()
         self.context = int(lm.max_length)
         self.chunked = bool(getattr(lm, "chunked_prefill", False))
+        # a cached prefix is continued by a chunk: both abilities are needed
         self.cache = (PrefixCache(on_counts=self._count_cache)
-                      if config.prefix_cache and getattr(lm, "copies_kv", False) else None)
+                      if config.prefix_cache and self.chunked
+                      and getattr(lm, "copies_kv", False) else None)
         self.scheduler = Scheduler(config, self.chunked, self.cache)
         self.steps = 0  # model steps run (plans with work)
         self.max_running_seen = 0

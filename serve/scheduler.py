@@ -111,7 +111,7 @@ class Scheduler:
         budget = legacy if legacy is not None else max(
             self.config.max_num_batched_tokens - len(decoding), 1)
         for seq in self.running:  # prompts already partly prefilled go on first
-            if not seq.prefilled and seq not in (c.seq for c in plan.chunks):
+            if not seq.prefilled:
                 budget -= self._chunk(seq, seq.computed, None, budget, plan)
         while self.waiting and len(self.running) < self.config.max_running and budget > 0:
             head = self.waiting[0]

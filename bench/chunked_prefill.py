@@ -1,0 +1,160 @@
+"""Chunked prefill over HTTP: a long prompt arrives while streams decode.
+
+Per ``--budgets`` value, starts ``modelpress serve --max-num-batched-tokens B`` on one
+artifact (stopped by PID): ``--streams`` greedy completions of ``--new-tokens`` decode;
+once each has streamed ``--lead`` chunks, one ``--prompt-tokens`` prompt arrives. Reports
+the streams' longest gap between two chunks against their median gap, and the long
+prompt's TTFT. Also (``--overhead``) served 1-stream tok/s against the in-process engine
+(``bench.engine_speed``'s measure) on the same artifact in the same run.
+
+    python -m bench.chunked_prefill build/bench/artifacts-smollm2/genai-int4 \\
+        --budgets 2048 256 64 --overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from tokenizers import Tokenizer
+
+from bench.engine_speed import PROMPT
+from bench.sse_client import start, stream
+
+COMPLETIONS = "/v1/completions"
+STORY = "Write a long, detailed story about {}, with many characters and places."
+TOPICS = ["a lighthouse keeper", "a baker", "a river pilot", "an owl", "a clockmaker",
+          "a tea merchant", "a violinist", "a mapmaker"]
+
+
+def long_prompt(artifact: Path, tokens: int) -> str:
+    """A prompt of about ``tokens`` tokens (by the artifact's tokenizer)."""
+    tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    words = ("the keeper of the lighthouse wrote a long letter to the sea about ships, "
+             "storms and the lamps of distant harbours. ") * (tokens // 8)
+    ids = tok.encode(words).ids[:tokens]
+    return tok.decode(ids)
+
+
+async def interference(url: str, streams: int, new_tokens: int, lead: int,
+                       prompt: str) -> dict:
+    """``streams`` decode; the long prompt arrives once each has ``lead`` chunks."""
+    async with httpx.AsyncClient(timeout=600) as client:
+        await stream(client, url, COMPLETIONS, {"prompt": "Hello", "max_tokens": 4})
+        bodies = [{"prompt": STORY.format(TOPICS[i % len(TOPICS)]), "max_tokens": new_tokens}
+                  for i in range(streams)]
+        progress = [0] * streams
+        tasks = [asyncio.ensure_future(_tracked(client, url, b, progress, i))
+                 for i, b in enumerate(bodies)]
+        while min(progress) < lead and not all(t.done() for t in tasks):
+            await asyncio.sleep(0.01)
+        arrived = time.monotonic()
+        long = await stream(client, url, COMPLETIONS, {"prompt": prompt, "max_tokens": 4})
+        results = await asyncio.gather(*tasks)
+    gaps = np.concatenate([np.diff(r["times"]) for r in results])
+    during = [g for r in results for t0, g in zip(r["times"], np.diff(r["times"]),
+                                                   strict=False) if t0 >= arrived - 1]
+    return {"stream_chunks": [len(r["times"]) for r in results],
+            "median_gap_s": round(float(np.median(gaps)), 4),
+            "max_gap_s": round(float(gaps.max()), 4),
+            "max_gap_over_median": round(float(gaps.max() / np.median(gaps)), 2),
+            "max_gap_near_long_s": round(float(max(during, default=0.0)), 4),
+            "long_ttft_s": round(long["ttft_s"], 3)}
+
+
+async def _tracked(client: httpx.AsyncClient, url: str, body: dict, progress: list[int],
+                   index: int) -> dict:
+    """A streamed request whose chunk count shows in ``progress[index]`` while it runs."""
+    body = {"temperature": 0, **body, "stream": True}
+    times: list[float] = []
+    async with client.stream("POST", url + COMPLETIONS, json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if choices[0].get("text"):
+                times.append(time.monotonic())
+                progress[index] = len(times)
+    return {"times": times}
+
+
+async def served_one_stream(url: str, ids_prompt: str, tokens: int) -> dict:
+    """One greedy stream of ``tokens`` over HTTP: tokens/wall (as engine_speed counts)."""
+    async with httpx.AsyncClient(timeout=600) as client:
+        await stream(client, url, COMPLETIONS, {"prompt": ids_prompt, "max_tokens": 8})
+        body = {"prompt": ids_prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        start, count = time.monotonic(), 0
+        async with client.stream("POST", url + COMPLETIONS, json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    usage = json.loads(line[6:]).get("usage")
+                    if usage:
+                        count = usage["completion_tokens"]
+        wall = time.monotonic() - start
+    return {"tokens": count, "seconds": round(wall, 3), "tok_per_s": round(count / wall, 1)}
+
+
+def inprocess_one_stream(artifact: Path, tokens: int) -> dict:
+    """``bench.engine_speed``'s 1-stream measure, EOS on (as the server), same prompt."""
+    from bench.engine_speed import measure
+    from serve.engine import Engine, EngineConfig
+    from serve.runtimes import load_runtime
+
+    runtime = load_runtime(artifact)
+    ids = list(runtime.tokenizer(PROMPT)["input_ids"])
+
+    async def run() -> dict:
+        engine = Engine(runtime.step_lm(), set(runtime.eos_ids), EngineConfig())
+        try:
+            await measure(engine, ids, 1, 8)
+            return await measure(engine, ids, 1, tokens)
+        finally:
+            engine.close()
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    """CLI entry point: one JSON object."""
+    logging.basicConfig(level=logging.INFO)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[2048, 256, 64])
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--lead", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=3000)
+    parser.add_argument("--overhead", action="store_true")
+    args = parser.parse_args()
+    prompt = long_prompt(args.artifact, args.prompt_tokens)
+    report: dict = {"artifact": str(args.artifact), "streams": args.streams,
+                    "prompt_tokens": args.prompt_tokens, "budgets": {}}
+    with tempfile.TemporaryDirectory() as work:
+        for i, budget in enumerate(args.budgets):
+            server = start(args.artifact, Path(work), f"b{budget}",
+                           ["--max-num-batched-tokens", str(budget)])
+            try:
+                report["budgets"][budget] = asyncio.run(interference(
+                    server.url, args.streams, args.new_tokens, args.lead, prompt))
+                if args.overhead and i == 0:
+                    report["served_1_stream"] = asyncio.run(served_one_stream(
+                        server.url, PROMPT, args.new_tokens))
+            finally:
+                server.stop()
+    if args.overhead:
+        report["inprocess_1_stream"] = inprocess_one_stream(args.artifact, args.new_tokens)
+        report["served_over_inprocess"] = round(report["served_1_stream"]["tok_per_s"]
+                                                / report["inprocess_1_stream"]["tok_per_s"], 3)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
