@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from bench.engine_speed import PROMPT
 from bench.sse_client import start, stream
 
-COMPLETIONS = "/v1/completions"
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 STORY = "Write a long, detailed story about {}, with many characters and places."
 TOPICS = ["a lighthouse keeper", "a baker", "a river pilot", "an owl", "a clockmaker",
           "a tea merchant", "a violinist", "a mapmaker"]
@@ -48,8 +48,8 @@ async def interference(url: str, streams: int, new_tokens: int, lead: int,
     """``streams`` decode; the long prompt arrives once each has ``lead`` chunks."""
     async with httpx.AsyncClient(timeout=600) as client:
         await stream(client, url, COMPLETIONS, {"prompt": "Hello", "max_tokens": 4})
-        bodies = [{"prompt": STORY.format(TOPICS[i % len(TOPICS)]), "max_tokens": new_tokens}
-                  for i in range(streams)]
+        bodies = [{"messages": [{"role": "user", "content": STORY.format(
+            TOPICS[i % len(TOPICS)])}], "max_tokens": new_tokens} for i in range(streams)]
         progress = [0] * streams
         tasks = [asyncio.ensure_future(_tracked(client, url, b, progress, i))
                  for i, b in enumerate(bodies)]
@@ -59,6 +59,8 @@ async def interference(url: str, streams: int, new_tokens: int, lead: int,
         long = await stream(client, url, COMPLETIONS, {"prompt": prompt, "max_tokens": 4})
         results = await asyncio.gather(*tasks)
     gaps = np.concatenate([np.diff(r["times"]) for r in results])
+    if not gaps.size:
+        raise RuntimeError(f"the streams sent {[len(r['times']) for r in results]} chunks")
     during = [g for r in results for t0, g in zip(r["times"], np.diff(r["times"]),
                                                    strict=False) if t0 >= arrived - 1]
     return {"stream_chunks": [len(r["times"]) for r in results],
@@ -74,25 +76,26 @@ async def _tracked(client: httpx.AsyncClient, url: str, body: dict, progress: li
     """A streamed request whose chunk count shows in ``progress[index]`` while it runs."""
     body = {"temperature": 0, **body, "stream": True}
     times: list[float] = []
-    async with client.stream("POST", url + COMPLETIONS, json=body) as response:
+    async with client.stream("POST", url + CHAT, json=body) as response:
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             choices = json.loads(line[6:]).get("choices") or [{}]
-            if choices[0].get("text"):
+            if (choices[0].get("delta") or {}).get("content"):
                 times.append(time.monotonic())
                 progress[index] = len(times)
     return {"times": times}
 
 
-async def served_one_stream(url: str, ids_prompt: str, tokens: int) -> dict:
-    """One greedy stream of ``tokens`` over HTTP: tokens/wall (as engine_speed counts)."""
+async def served_one_stream(url: str, tokens: int) -> dict:
+    """One greedy chat stream of ``tokens`` over HTTP: tokens/wall (as engine_speed counts)."""
+    messages = [{"role": "user", "content": PROMPT}]
     async with httpx.AsyncClient(timeout=600) as client:
-        await stream(client, url, COMPLETIONS, {"prompt": ids_prompt, "max_tokens": 8})
-        body = {"prompt": ids_prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+        await stream(client, url, CHAT, {"messages": messages, "max_tokens": 8})
+        body = {"messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
         start, count = time.monotonic(), 0
-        async with client.stream("POST", url + COMPLETIONS, json=body) as response:
+        async with client.stream("POST", url + CHAT, json=body) as response:
             async for line in response.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     usage = json.loads(line[6:]).get("usage")
@@ -103,13 +106,16 @@ async def served_one_stream(url: str, ids_prompt: str, tokens: int) -> dict:
 
 
 def inprocess_one_stream(artifact: Path, tokens: int) -> dict:
-    """``bench.engine_speed``'s 1-stream measure, EOS on (as the server), same prompt."""
+    """``bench.engine_speed``'s 1-stream measure, EOS on (as the server), on the same chat
+    prompt's token ids."""
     from bench.engine_speed import measure
+    from serve.chat import render
     from serve.engine import Engine, EngineConfig
     from serve.runtimes import load_runtime
 
     runtime = load_runtime(artifact)
-    ids = list(runtime.tokenizer(PROMPT)["input_ids"])
+    text = render(runtime.tokenizer, [{"role": "user", "content": PROMPT}])
+    ids = list(runtime.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     async def run() -> dict:
         engine = Engine(runtime.step_lm(), set(runtime.eos_ids), EngineConfig())
@@ -146,7 +152,7 @@ def main() -> None:
                     server.url, args.streams, args.new_tokens, args.lead, prompt))
                 if args.overhead and i == 0:
                     report["served_1_stream"] = asyncio.run(served_one_stream(
-                        server.url, PROMPT, args.new_tokens))
+                        server.url, args.new_tokens))
             finally:
                 server.stop()
     if args.overhead:

@@ -41,9 +41,10 @@ async def stream(client: httpx.AsyncClient, url: str, route: str, body: dict) ->
 
 def start(artifact: Path, work: Path, name: str, args: list[str]) -> ServerProcess:
     """Start ``modelpress serve`` (its log under ``work``) and wait until it is ready;
-    prompts up to 8,192 tokens are taken whole (the default truncates past 512)."""
+    prompts up to 8,192 tokens are taken whole (the default truncates past 512) and a
+    request may wait 10 minutes for admission (a slow baseline is measured, not refused)."""
     server = ServerProcess(artifact, work / f"{name}.log",
-                           ["--max-input-tokens", "8192", *args])
+                           ["--max-input-tokens", "8192", "--queue-timeout-s", "600", *args])
     try:
         server.wait_ready(300)
     except Exception:
