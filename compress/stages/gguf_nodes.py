@@ -19,20 +19,23 @@ def _constant(array, name: str):
 
 
 def replace_q8(graph, node, q, d, level: int) -> list:
-    """An 8-bit MatMulNBits (default zero point 128) for a MatMul whose rows are Q8_0."""
+    """An 8-bit MatMulNBits (default zero point 128) for a MatMul of 8-bit rows.
+
+    ``q`` [N, kb, size]: ``w = d * (q - 128)`` (Q8_0, Q5_0, Q6_K), block ``size``.
+    """
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    n, kb, _ = q.shape
+    n, kb, size = q.shape
     prefix = node.input[1] + "_gguf"
     inits = [numpy_helper.from_array(q.astype(np.uint8), prefix + "_Q8"),
              numpy_helper.from_array(d.reshape(-1).astype(np.float32), prefix + "_scales")]
     graph.initializer.extend(inits)
     return [onnx.helper.make_node(
         "MatMulNBits", [node.input[0], inits[0].name, inits[1].name], list(node.output),
-        name=node.name + "_gguf", domain="com.microsoft", K=kb * BLOCK, N=n, bits=8,
-        block_size=BLOCK, accuracy_level=level)]
+        name=node.name + "_gguf", domain="com.microsoft", K=kb * size, N=n, bits=8,
+        block_size=size, accuracy_level=level)]
 
 
 def replace_q4(graph, group: list, level: int, blocksums: dict[str, str],
@@ -153,19 +156,19 @@ def _correction(x: str, k: int, kb: int, minima, prefix: str, name: str, out: st
 
 
 def gather_q8(graph, node, q, d, shared: dict[bytes, tuple[str, str]]) -> list:
-    """An 8-bit GatherBlockQuantized for an embedding Gather whose rows are all Q8_0."""
+    """An 8-bit GatherBlockQuantized for an embedding Gather whose rows are all 8-bit."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    v, kb, _ = q.shape
-    data = q.reshape(v, kb * BLOCK).astype(np.uint8)
+    v, kb, size = q.shape
+    data = q.reshape(v, kb * size).astype(np.uint8)
     key = hashlib.blake2b(data.tobytes() + d.tobytes(), digest_size=16).digest()
     prefix = node.input[0] + "_gguf"
     nodes = []
     if key in shared:  # tied with an imported LM head: reshape its bytes, store nothing new
         b_name, s_name = shared[key]
-        for src, shape, out in ((b_name, [v, kb * BLOCK], prefix + "_Q8"),
+        for src, shape, out in ((b_name, [v, kb * size], prefix + "_Q8"),
                                 (s_name, [v, kb], prefix + "_scales")):
             graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64),
                                                              out + "_shape"))
@@ -178,5 +181,5 @@ def gather_q8(graph, node, q, d, shared: dict[bytes, tuple[str, str]]) -> list:
     nodes.append(onnx.helper.make_node(
         "GatherBlockQuantized", [prefix + "_Q8", node.input[1], prefix + "_scales"],
         list(node.output), name=node.name + "_gguf", domain="com.microsoft", bits=8,
-        block_size=BLOCK, gather_axis=0, quantize_axis=1))
+        block_size=size, gather_axis=0, quantize_axis=1))
     return nodes
