@@ -45,6 +45,40 @@ for line in sys.stdin:
 """
 
 
+# Runs in the peers venv: a JSON list of texts on stdin, llama.cpp's token ids (BOS/EOS as
+# the GGUF's flags say, special tokens not parsed) printed back as one JSON list.
+LLAMA_TOKENS_SCRIPT = """
+import json, sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
+texts = json.load(sys.stdin)
+print(json.dumps([llm.tokenize(t.encode(), add_bos=True, special=False) for t in texts]))
+"""
+
+
+def llama_cpp_token_ids(gguf: Path, texts: list[str],
+                        python: Path = PEERS_PYTHON) -> list[list[int]]:
+    """llama.cpp's tokenization of ``texts`` with the GGUF's own vocabulary."""
+    done = subprocess.run([str(python), "-c", LLAMA_TOKENS_SCRIPT, str(gguf)],
+                          input=json.dumps(texts), capture_output=True, text=True,
+                          timeout=600, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def tokenizer_parity(gguf: Path, texts: list[str], python: Path = PEERS_PYTHON
+                     ) -> dict[str, Any]:
+    """How many ``texts`` the import's GGUF tokenizer rebuild tokenizes as llama.cpp does."""
+    from compress.stages.gguf_tokenizer import read_vocab, reference_ids, reference_tokenizer
+
+    vocab = read_vocab(gguf)
+    reference = reference_tokenizer(vocab)
+    peer = llama_cpp_token_ids(gguf, texts, python)
+    ours = [reference_ids(reference, vocab, t) for t in texts]
+    differing = [t for t, a, b in zip(texts, ours, peer, strict=True) if a != b]
+    return {"gguf": str(gguf), "tokenizer": f"{vocab.model}/{vocab.pre}", "texts": len(texts),
+            "identical": len(texts) - len(differing), "differing": differing}
+
+
 class _Manifest:
     task = "text-generation"
 
