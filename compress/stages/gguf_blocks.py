@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.stages.gguf_nodes import MIN_SUFFIX, gather_q8, replace_q4, replace_q8
-from compress.stages.gguf_rows import BLOCK, IMPORTED_TYPES, Q8_TYPES, RowBank
+from compress.stages.gguf_rows import BLOCK, IMPORTED_TYPES, Q5_TYPES, Q8_TYPES, RowBank
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,9 @@ def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4,
             shared[hashlib.blake2b(packed.tobytes() + d.tobytes(), digest_size=16)
                    .digest()] = (node.input[1] + "_gguf_Q8", node.input[1] + "_gguf_scales")
         else:  # placed at its first member's spot below, once the group is complete
-            key = f"{node.input[0]}:{weight.shape[0]}" if fuse else node.name
-            groups.setdefault(key, []).append((node, q, d, m))
+            bits = 8 if found <= set(Q5_TYPES) else 4
+            key = f"{node.input[0]}:{weight.shape[0]}:{bits}" if fuse else node.name
+            groups.setdefault(key, []).append((node, q, d, m, bits))
         imported.append(node.name)
         types_seen |= found
         used.add(node.input[1])
@@ -101,8 +102,8 @@ def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4,
     for group in groups.values():
         members = {id(g[0]) for g in group}
         at = next(i for i, n in enumerate(new_nodes) if id(n) == id(group[0][0]))
-        new_nodes[at:at + 1] = replace_q4(graph, group, accuracy_level, blocksums,
-                                            node_sums)
+        new_nodes[at:at + 1] = replace_q4(graph, [g[:4] for g in group], accuracy_level,
+                                            blocksums, node_sums, bits=group[0][4])
         new_nodes = [n for n in new_nodes if id(n) not in members]
         if len(group) > 1:
             fused[group[0][0].name + "_gguf_fused"] = [g[0].name for g in group]
@@ -184,7 +185,7 @@ def effective_weight(model, node_name: str, fused: dict[str, list[str]] | None =
         zp = np.float32(2 ** (bits - 1))
     weight = (scale * (q - zp)).reshape(n, kb * bs)[:, :k]
     consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
-    minima_name = node.input[1].removesuffix("_Q4") + MIN_SUFFIX
+    minima_name = node.input[1].removesuffix("_Q4").removesuffix("_Q8") + MIN_SUFFIX
     const = consts.get(minima_name + "_fp16", consts.get(minima_name))
     if const is not None:
         minima = numpy_helper.to_array(const.attribute[0].t)  # [kb, N]
