@@ -204,6 +204,7 @@ def rebuilt_tokenizer(reference, vocab: GgufVocab, converted):
     return PreTrainedTokenizerFast(tokenizer_object=reference, **special,
                                    chat_template=getattr(converted, "chat_template", None),
                                    padding_side=converted.padding_side,
+                                   model_input_names=converted.model_input_names,
                                    model_max_length=converted.model_max_length)
 
 

@@ -56,6 +56,7 @@ def test_gguf_import_rebuilds_the_spm_tokenizer(spm_gguf, tmp_path):
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
     assert tokenizer.bos_token == "<bos>" and tokenizer.eos_token == "<eos>"
     assert tokenizer.pad_token == "<pad>"
+    assert sorted(tokenizer(QUESTION)) == ["attention_mask", "input_ids"]  # as the model takes
 
 
 def _gpt2_gguf(path):
