@@ -33,7 +33,15 @@ log = logging.getLogger(__name__)
 LLAMA_LOGITS_SCRIPT = """
 import json, sys
 import numpy as np
+import llama_cpp.llama_cpp as low
 from llama_cpp import Llama
+if sys.argv[4] == "0":  # llama.cpp's --no-repack: plain weight buffers, no CPU repacking
+    defaults = low.llama_model_default_params
+    def no_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+    low.llama_model_default_params = no_repack
 llm = Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_batch=int(sys.argv[2]),
             n_threads=int(sys.argv[3]), logits_all=True, verbose=False, seed=0)
 for line in sys.stdin:
@@ -92,12 +100,14 @@ class LlamaCppScorer:
         python: The peers venv's Python (llama-cpp-python).
         max_length: Token window (the evaluation's, 256).
         threads: llama.cpp threads.
+        repack: llama.cpp's CPU weight repacking (false: ``--no-repack``; Gemma-3-270M's
+            Q4_K_M file crashes llama-cpp-python 0.3.36 with it on this machine, SIGSEGV).
     """
 
     manifest = _Manifest()
 
     def __init__(self, gguf: Path, tokenizer_dir: Path, python: Path = PEERS_PYTHON,
-                 max_length: int = 256, threads: int = 2) -> None:
+                 max_length: int = 256, threads: int = 2, repack: bool = True) -> None:
         from transformers import AutoTokenizer
 
         if not python.exists():
@@ -106,7 +116,8 @@ class LlamaCppScorer:
         self.max_length = max_length
         self._tmp = tempfile.TemporaryDirectory(prefix="peer-logits-")
         self._proc = subprocess.Popen(
-            [str(python), "-c", LLAMA_LOGITS_SCRIPT, str(gguf), str(max_length), str(threads)],
+            [str(python), "-c", LLAMA_LOGITS_SCRIPT, str(gguf), str(max_length), str(threads),
+             str(int(repack))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def count_tokens(self, text: str) -> int:
@@ -137,7 +148,7 @@ class LlamaCppScorer:
 
 
 def peer_quality(gguf: Path, reference: Path, data: Path, python: Path = PEERS_PYTHON,
-                 threads: int = 2) -> dict[str, Any]:
+                 threads: int = 2, repack: bool = True) -> dict[str, Any]:
     """Score llama.cpp on ``data`` against the reference artifact (perplexity, agreement)."""
     from compress.data import load_examples
     from compress.evaluate import predict, score
@@ -149,13 +160,14 @@ def peer_quality(gguf: Path, reference: Path, data: Path, python: Path = PEERS_P
     ref_pred = predict(ref_rt, examples, progress=False)
     ref = score(ref_rt.manifest.task, examples, ref_pred)
     del ref_rt
-    peer = LlamaCppScorer(gguf, reference, python, threads=threads)
+    peer = LlamaCppScorer(gguf, reference, python, threads=threads, repack=repack)
     try:
         result = score("text-generation", examples, predict(peer, examples, progress=False),
                        ref_pred)
     finally:
         peer.close()
     return {"peer": f"llama.cpp ({gguf.name})", "gguf": str(gguf), "data": str(data),
+            "repack": repack,
             "reference": str(reference), "reference_perplexity": ref["value"],
             "reference_ci95": ref["ci95"], **result}
 
@@ -169,11 +181,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="Perplexity eval JSONL.")
     parser.add_argument("--peers-python", type=Path, default=PEERS_PYTHON)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-repack", action="store_true",
+                        help="llama.cpp without CPU weight repacking (its --no-repack).")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = peer_quality(args.gguf, args.reference, args.data, args.peers_python,
-                          args.threads)
+                          args.threads, repack=not args.no_repack)
     ref = result["reference"]
     print(f"{result['peer']}: perplexity {result['value']:.2f} "
           f"[{result['ci95'][0]:.1f}, {result['ci95'][1]:.1f}] (reference "
