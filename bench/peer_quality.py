@@ -100,14 +100,16 @@ class LlamaCppScorer:
         python: The peers venv's Python (llama-cpp-python).
         max_length: Token window (the evaluation's, 256).
         threads: llama.cpp threads.
-        repack: llama.cpp's CPU weight repacking (false: ``--no-repack``; Gemma-3-270M's
-            Q4_K_M file crashes llama-cpp-python 0.3.36 with it on this machine, SIGSEGV).
+        repack: llama.cpp's CPU weight repacking (false: its ``--no-repack``). Off by
+            default: llama-cpp-python 0.3.36 as ``make peers-venv`` builds it on this
+            machine (AVX512/AMX) segfaults evaluating with it (SmolLM2's Q4_1 and Gemma-3's
+            Q4_K_M files alike).
     """
 
     manifest = _Manifest()
 
     def __init__(self, gguf: Path, tokenizer_dir: Path, python: Path = PEERS_PYTHON,
-                 max_length: int = 256, threads: int = 2, repack: bool = True) -> None:
+                 max_length: int = 256, threads: int = 2, repack: bool = False) -> None:
         from transformers import AutoTokenizer
 
         if not python.exists():
@@ -148,7 +150,7 @@ class LlamaCppScorer:
 
 
 def peer_quality(gguf: Path, reference: Path, data: Path, python: Path = PEERS_PYTHON,
-                 threads: int = 2, repack: bool = True) -> dict[str, Any]:
+                 threads: int = 2, repack: bool = False) -> dict[str, Any]:
     """Score llama.cpp on ``data`` against the reference artifact (perplexity, agreement)."""
     from compress.data import load_examples
     from compress.evaluate import predict, score
@@ -181,13 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="Perplexity eval JSONL.")
     parser.add_argument("--peers-python", type=Path, default=PEERS_PYTHON)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-repack", action="store_true",
-                        help="llama.cpp without CPU weight repacking (its --no-repack).")
+    parser.add_argument("--repack", action="store_true",
+                        help="llama.cpp with CPU weight repacking (off: its --no-repack).")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = peer_quality(args.gguf, args.reference, args.data, args.peers_python,
-                          args.threads, repack=not args.no_repack)
+                          args.threads, repack=args.repack)
     ref = result["reference"]
     print(f"{result['peer']}: perplexity {result['value']:.2f} "
           f"[{result['ci95'][0]:.1f}, {result['ci95'][1]:.1f}] (reference "
