@@ -234,10 +234,10 @@ def checked_tokenizer(converted, gguf_path: Path, texts: tuple[str, ...] = SAMPL
     if diff is None:
         got, want = converted(texts[0])["input_ids"], reference_ids(reference, vocab, texts[0])
         if list(got) != want:  # e.g. SmolLM2's: a BOS although add_bos_token is false
-            log.warning("%s: the converted tokenizer adds special tokens %s where the GGUF's "
-                        "flags (add_bos %s, add_eos %s) give %s; kept as converted",
-                        gguf_path.name, got[:1] + got[-1:], vocab.add_bos, vocab.add_eos,
-                        want[:1] + want[-1:])
+            log.warning("%s: the converted tokenizer adds BOS/EOS otherwise than the GGUF's "
+                        "flags (add_bos_token %s, add_eos_token %s): %s vs %s around the same "
+                        "text ids; kept as converted", gguf_path.name, vocab.add_bos,
+                        vocab.add_eos, [*got[:1], "…", *got[-1:]], [*want[:1], "…", *want[-1:]])
         return converted
     text, got, want = diff
     if vocab.model == "llama":
