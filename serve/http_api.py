@@ -200,10 +200,10 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     return await read_raw_body(request.scope, request.receive, limits)
 
 
-async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
-    """Return once the client has disconnected (the body has been read already)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> bool:
+    """Wait for the next ASGI message once the body has been read: True if it says the
+    client disconnected. (Anything else ends the watch rather than spinning on it.)"""
+    return (await receive())["type"] == "http.disconnect"
 
 
 async def until_disconnect(handler: Handler, request: Request) -> Response | None:
@@ -220,6 +220,8 @@ async def until_disconnect(handler: Handler, request: Request) -> Response | Non
     watch = asyncio.ensure_future(_disconnected(request.receive))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and not watch.result():
+            await task
     except asyncio.CancelledError:  # the server itself cancelled the request
         task.cancel()
         raise
