@@ -3,13 +3,19 @@
 One engine per worker owns the LM through a :class:`serve.step_lm.StepLM` and runs it
 in a thread of its own. Each iteration it
 
-1. frees the slots of aborted sequences (client gone, stop sequence seen),
+1. frees the slots of aborted sequences (client gone, waiting or running; stop sequence
+   seen) and drops the aborted ones still waiting,
 2. refuses waiting requests whose queue deadline has passed (the route answers 503
    before any response header),
 3. admits waiting requests in arrival order (FIFO: the head is never overtaken) while
    the running sequences stay within ``max_running`` and ``max_kv_tokens`` (prompt +
    max new tokens of every running sequence), prefilling each (its first token),
 4. decodes one token for every running sequence in one batched step.
+
+A greedy answer does not depend on the other requests in the batch: the step LMs decode
+each row exactly as alone (left padding masked, own positions); for dynamic-int8 graphs,
+whose activation scale spans the whole batch, that means one forward per sequence
+(:func:`serve.step_lm.decode_per_row`).
 
 So a request joins the running batch at the next step and never waits for another
 request's whole generation. Tokens go to each request's asyncio queue (one thread hop
@@ -215,12 +221,17 @@ class Engine:
             if seq in self._running:
                 self._running.remove(seq)
                 self.lm.free(seq.id)
+            with self._cond:  # a waiting one leaves the queue now, not when it is the head
+                if seq in self._waiting:
+                    self._waiting.remove(seq)
             seq.finished = True
             if seq.abort_reason == "stop":
                 self.metrics.request_success.labels(finished_reason="stop").inc()
             else:
                 self.metrics.request_aborted.inc()
         self.metrics.running.set(len(self._running))
+        with self._cond:
+            self.metrics.waiting.set(len(self._waiting))
 
     def _expire(self, step: Events) -> None:
         now, timeout = time.monotonic(), self.config.queue_timeout_s

@@ -13,14 +13,18 @@ unchecked internal route exists. Nothing here reaches into BentoML's internals.
 
 Generation (``/generate`` here, ``/v1/*`` in :mod:`serve.openai_api`) submits each
 prompt to the worker's :class:`serve.engine.Engine` and waits for admission before any
-header is sent (503 past the queue deadline). Streaming answers (SSE) are built by
-:mod:`serve.sse`, which closes a stream as soon as its client goes; the request is then
-aborted in the engine, which frees its slot at the next step.
+header is sent (503 past the queue deadline). Until the handler has its response, the
+route listens for the client's disconnect (:func:`until_disconnect`): a client that goes
+while its request waits for admission or generates a non-streamed answer cancels the
+handler, and its sequences are aborted in the engine. Streaming answers (SSE) are built
+by :mod:`serve.sse`, which closes a stream as soon as its client goes; the request is
+then aborted in the engine, which frees its slot at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -196,12 +200,48 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     return await read_raw_body(request.scope, request.receive, limits)
 
 
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> bool:
+    """Wait for the next ASGI message once the body has been read: True if it says the
+    client disconnected. (Anything else ends the watch rather than spinning on it.)"""
+    return (await receive())["type"] == "http.disconnect"
+
+
+async def until_disconnect(handler: Handler, request: Request) -> Response | None:
+    """``handler(request)``, cancelled if the client disconnects before it returns.
+
+    The handler's cancellation aborts its sequences in the engine (waiting or running),
+    which frees their KV rows and counts them in ``request_aborted_total``; a returned
+    streaming response watches its own client from then on.
+
+    Returns:
+        The handler's response, or None if the client went first.
+    """
+    task = asyncio.ensure_future(handler(request))
+    watch = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and not watch.result():
+            await task
+    except asyncio.CancelledError:  # the server itself cancelled the request
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
 def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]:
     """Wrap a route: body read first (408/413), then the concurrency cap (429),
     RequestError → 4xx, crash → 500, never down.
 
     A slow or huge upload never holds a slot. A streaming response keeps its slot until
-    the stream ends or its client goes.
+    the stream ends or its client goes; a client that goes before the response cancels
+    the handler (:func:`until_disconnect`).
     """
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
@@ -218,7 +258,9 @@ def endpoint(get_backend: Callable[[], Backend]) -> Callable[[Handler], Handler]
             backend.in_flight += 1
             streaming = False
             try:
-                response = await handler(request)
+                response = await until_disconnect(handler, request)
+                if response is None:  # nobody reads it; the access log shows nginx's 499
+                    return Response(status_code=499)
                 if isinstance(response, EventStreamResponse):
                     streaming = True
                     response.on_close.append(backend.release_slot)

@@ -114,12 +114,14 @@ class GenaiRuntime:
         to verify them on), so the engine runs a CUDA-built model on the CPU EP.
         """
         from serve.runtime_onnx import session_options
+        from serve.step_lm import decode_per_row
         from serve.step_lm_genai import GenaiStepLM
 
         if self.device == "cuda":
             log.warning("%s: the serving engine runs onnx-genai models on the CPU "
                         "execution provider (CUDA KV buffers not implemented)", self.path)
-        return GenaiStepLM(self.path, ["CPUExecutionProvider"], session_options())
+        return GenaiStepLM(self.path, ["CPUExecutionProvider"], session_options(),
+                           per_row=decode_per_row(self.manifest))
 
     def _need_generation(self) -> None:
         if self.manifest.task != "text-generation":

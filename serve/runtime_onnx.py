@@ -168,9 +168,11 @@ class OnnxRuntime:
     def step_lm(self):
         """A :class:`serve.step_lm.StepLM` driving this runtime's ORT session (shared)."""
         self._need("text-generation")
+        from serve.step_lm import decode_per_row
         from serve.step_lm_onnx import OnnxStepLM
 
-        return OnnxStepLM(self._lm.model.session, self.max_length)
+        return OnnxStepLM(self._lm.model.session, self.max_length,
+                          per_row=decode_per_row(self.manifest))
 
 
 def _ort_causal_lm_class():

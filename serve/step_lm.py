@@ -30,6 +30,19 @@ log = logging.getLogger(__name__)
 #: One layer's (keys, values), each ``[batch, kv_heads, tokens, head_dim]`` (torch or numpy).
 LayerKV = tuple[Any, Any]
 
+#: (format, precision) of artifacts whose graph quantizes activations at run time with ONE
+#: scale over the whole input tensor (ONNX Runtime's ``quantize_dynamic``:
+#: DynamicQuantizeLinear): in a batch, a row's int8 activations depend on every other
+#: row's values, so a greedy answer would change with its neighbours (issue 20: 13/72 and
+#: 15/72 SmolLM2 answers). Their steps run one sequence at a time (:func:`decode_per_row`).
+DYNAMIC_INT8 = frozenset({("onnx", "int8-dynamic"), ("onnx-genai", "int8")})
+
+
+def decode_per_row(manifest: Any) -> bool:
+    """Whether the artifact's decode steps must run one sequence at a time, so a greedy
+    answer is the same alone or batched (see :data:`DYNAMIC_INT8`)."""
+    return (manifest.format, manifest.precision) in DYNAMIC_INT8
+
 
 class StepLM(Protocol):
     """Step-level causal LM. Called from ONE engine thread only (no locking needed inside).
@@ -90,6 +103,25 @@ class SlotTable:
         """Register a prefilled slot with its own cache (``[1, H, n, D]`` per layer)."""
         self.lengths[slot] = n
         self._solo[slot] = kv
+
+    def lone(self, slot: int) -> list[LayerKV]:
+        """``slot``'s own cache (``[1, H, n, D]`` per layer) for a step of it alone; a slot
+        stepped alone is never a batch row.
+
+        Raises:
+            ValueError: the slot is unknown, a batch row, or its sequence fills the context.
+        """
+        if slot not in self._solo:
+            raise ValueError(f"slot {slot} has no cache of its own (prefill it first)")
+        if self.lengths[slot] >= self.max_length:
+            raise ValueError(f"slot {slot}: its {self.lengths[slot]} tokens fill the "
+                             f"context of {self.max_length}; free it")
+        return self._solo[slot]
+
+    def advance_lone(self, slot: int, kv: list[LayerKV]) -> None:
+        """Take ``slot``'s cache after a step of it alone (one more column)."""
+        self._solo[slot] = kv
+        self.lengths[slot] += 1
 
     def prepare(self, slots: Sequence[int]) -> list[int]:
         """Lay the running batch out for ``slots``; return each slot's row index.

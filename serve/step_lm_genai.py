@@ -10,7 +10,8 @@ past/present buffer. This module keeps one such buffer per layer, ``[rows, kv_he
 length, head_size]``, a row per running sequence, binds it as both past and present
 (IOBinding, no copy per step) and runs every running sequence's next token as one batch
 of right-padded rows. Greedy outputs equal onnxruntime-genai's lone ``Generator``
-(tests/unit/test_engine.py).
+(tests/unit/test_engine.py). A dynamic-int8 model runs each row's step on its own
+(``per_row``, :func:`serve.step_lm.decode_per_row`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,17 @@ class GenaiStepLM:
         path: The ``onnx-genai`` artifact folder (``genai_config.json``, ``model.onnx``).
         providers: ONNX Runtime execution providers.
         session_options: ONNX Runtime session options.
+        per_row: Decode every row in a forward of its own: a row's activations are then
+            quantized with its own scale, as when it runs alone (for
+            :data:`serve.step_lm.DYNAMIC_INT8` models), at the cost of batching.
     """
 
-    def __init__(self, path: Path, providers: list[str], session_options) -> None:
+    def __init__(self, path: Path, providers: list[str], session_options,
+                 per_row: bool = False) -> None:
         import onnxruntime as ort
 
         self._ort = ort
+        self.per_row = per_row
         config = json.loads((Path(path) / "genai_config.json").read_text())["model"]
         decoder = config["decoder"]
         self.vocab_size = int(config["vocab_size"])
@@ -139,6 +145,12 @@ class GenaiStepLM:
         need, length = int(self._lengths[first:stop].max()) + 1, self._buffers[0].shape[2]
         if need > length:
             self._allocate(self._buffers[0].shape[0], max(need, 2 * length))
+        if self.per_row:
+            out = np.empty((len(rows), self.vocab_size), dtype=np.float32)
+            for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+                out[i] = self._run(row, row + 1, np.asarray([[token]], dtype=np.int64))[0]
+                self._lengths[row] += 1
+            return out
         ids = np.zeros((stop - first, 1), dtype=np.int64)
         for row, token in zip(rows, tokens, strict=True):
             ids[row - first, 0] = token

@@ -6,7 +6,8 @@ optimum (``text-generation-with-past``) takes ``input_ids``, ``attention_mask``,
 ``position_ids`` and ``past_key_values.N.key/value`` and returns ``logits`` and
 ``present.N.key/value`` (past plus the new token), so the left-padded batch layout of
 :class:`serve.step_lm.SlotTable` maps onto it one to one. fp32, fp16, int8 and int4
-(MatMulNBits) exports share these inputs.
+(MatMulNBits) exports share these inputs. A dynamic-int8 graph decodes each sequence in a
+forward of its own (``per_row``, :func:`serve.step_lm.decode_per_row`).
 """
 
 from __future__ import annotations
@@ -40,14 +41,18 @@ class OnnxStepLM:
     Args:
         session: The loaded ``onnxruntime.InferenceSession`` (shared).
         max_length: Context length per sequence.
+        per_row: Decode every sequence in a forward of its own, with its own unpadded
+            cache: exactly the computation of the sequence alone (for graphs whose rows
+            interact, :data:`serve.step_lm.DYNAMIC_INT8`), at the cost of batching.
 
     Raises:
         ArtifactError: the graph has no KV-cache inputs (exported without ``-with-past``).
     """
 
-    def __init__(self, session: Any, max_length: int):
+    def __init__(self, session: Any, max_length: int, per_row: bool = False):
         self.session = session
         self.max_length = int(max_length)
+        self.per_row = per_row
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]
         self._past = _layer_names(list(inputs), _PAST)
@@ -99,6 +104,9 @@ class OnnxStepLM:
             raise ValueError(f"decode: {len(slots)} slots but {len(tokens)} tokens")
         if not slots:
             return np.zeros((0, max(self.vocab_size, 0)), dtype=np.float32)
+        if self.per_row:
+            return np.stack([self._decode_alone(s, t) for s, t in zip(slots, tokens,
+                                                                      strict=True)])
         index = self.table.prepare(slots)
         ids = np.zeros((len(index), 1), dtype=np.int64)
         ids[index, 0] = np.asarray(tokens, dtype=np.int64)
@@ -106,6 +114,16 @@ class OnnxStepLM:
         logits, kv = self._run(ids, mask, positions, self.table.kv)
         self.table.advance(kv)
         return logits[index]
+
+    def _decode_alone(self, slot: int, token: int) -> np.ndarray:
+        """One token for ``slot`` in a forward of its own; its logits ``[vocab]``."""
+        past = self.table.lone(slot)
+        n = self.table.lengths[slot]
+        logits, kv = self._run(np.asarray([[token]], dtype=np.int64),
+                               np.ones((1, n + 1), dtype=np.int64),
+                               np.asarray([[n]], dtype=np.int64), past)
+        self.table.advance_lone(slot, kv)
+        return logits[0]
 
     def free(self, slot: int) -> None:
         """Drop the slot's cache now (its batch row is removed at once)."""

@@ -4,7 +4,10 @@ prompt leaves for ``max_new_tokens`` in the model's context.
 Counting tokens takes the model lock (tokenizers are not safe to share across threads),
 so texts that are provably short enough by their UTF-8 length are never tokenized. A
 prompt that is counted keeps its token ids (:class:`Prompt`), which the engine then runs:
-a generation prompt is tokenized at most once per request (truncation's search aside).
+a generation prompt is tokenized at most once per request. A generation prompt over
+``max_input_tokens`` is cut by slicing those ids (special tokens kept), not by searching
+for the longest text that fits (which cost ~15 tokenizations of the whole prompt, even
+for a prompt the context check then refused).
 """
 
 from __future__ import annotations
@@ -52,8 +55,28 @@ def _truncate(tokenize: Tokenize, text: str, limit: int,
     return part, tokenize(part) if best is None else best
 
 
+def _slice(encode: Tokenize, decode: Callable[[list[int]], str], ids: Sequence[int],
+           limit: int, keep: str) -> tuple[str, list[int]]:
+    """The head (or tail) of a prompt's ``ids`` cut to ``limit`` tokens, the special tokens
+    the tokenizer adds around a text kept in place; with the text of the kept part."""
+    marks = list(encode(""))  # what the tokenizer adds to any text (BOS, ...)
+    lead = 0
+    while lead < min(len(marks), len(ids)) and ids[lead] == marks[lead]:
+        lead += 1
+    trail = len(marks) - lead
+    if trail and list(ids[len(ids) - trail:]) != marks[lead:]:
+        trail = 0
+    body = list(ids[lead:len(ids) - trail])
+    room = max(limit - lead - trail, 0)
+    body = body[:room] if keep == "head" else body[len(body) - room:]
+    return decode(body), [*ids[:lead], *body, *ids[len(ids) - trail:]]
+
+
+Cut = Callable[[str, Sequence[int], int, str], tuple[str, Sequence[int]]]
+
+
 async def _fit(backend: Backend, field: str, texts: list[str], keep: str,
-               tokenize: Tokenize) -> list[tuple[str, Sequence[int] | None]]:
+               tokenize: Tokenize, cut: Cut) -> list[tuple[str, Sequence[int] | None]]:
     limits = backend.limits
     limit = limits.max_input_tokens
     out: list[tuple[str, Sequence[int] | None]] = []
@@ -68,7 +91,7 @@ async def _fit(backend: Backend, field: str, texts: list[str], keep: str,
         if limits.long_input == "reject":
             raise RequestError(f"{field}[{i}]: {len(ids)} tokens, more than the limit of "
                                f"{limit}", 413)
-        out.append(await backend.run_locked(_truncate, tokenize, text, limit, keep))
+        out.append(await backend.run_locked(cut, text, ids, limit, keep))
     return out
 
 
@@ -83,19 +106,25 @@ async def fit_tokens(backend: Backend, field: str, texts: list[str], keep: str) 
     Raises:
         RequestError: 413 naming ``field[i]`` when the limits say ``long_input: reject``.
     """
-    fitted = await _fit(backend, field, texts, keep, _count_only(backend.runtime))
+    count = _count_only(backend.runtime)
+    fitted = await _fit(backend, field, texts, keep, count,
+                        lambda text, _ids, limit, keep: _truncate(count, text, limit, keep))
     return [text for text, _ in fitted]
 
 
 async def fit_prompts(backend: Backend, field: str, texts: list[str],
                       keep: str) -> list[Prompt]:
     """:func:`fit_tokens` for generation prompts, tokenized with ``backend.encode`` (the
-    engine's ids): each counted prompt keeps its ids.
+    engine's ids): each counted prompt keeps its ids; one over the limit is tokenized
+    once and its ids sliced (see :func:`_slice`).
 
     Raises:
         RequestError: 413 naming ``field[i]`` when the limits say ``long_input: reject``.
     """
-    fitted = await _fit(backend, field, texts, keep, backend.encode)
+    def cut(text: str, ids: Sequence[int], limit: int, keep: str) -> tuple[str, list[int]]:
+        return _slice(backend.encode, backend.runtime.tokenizer.decode, ids, limit, keep)
+
+    fitted = await _fit(backend, field, texts, keep, backend.encode, cut)
     return [Prompt(text, None if ids is None else list(ids)) for text, ids in fitted]
 
 
