@@ -4,18 +4,19 @@ Re-decoding a stream's whole output for every new token costs O(n) per token (O(
 stream). As TGI and vLLM do, only a window of the last tokens is decoded: ``prefix`` is
 the text of the tokens already emitted at the window's start, ``read`` marks the end of
 what was emitted, and a new token's text is the decode of ``ids[prefix:]`` past the
-decode of ``ids[prefix:read]``. The window starts over at ``read`` after each emission, so
-a tokenizer that merges or strips spaces at a piece's start still gives exactly the text
-of the one-shot decode. Text that ends in an incomplete UTF-8 sequence (a multi-byte
-character split over byte-fallback tokens) is held back until it completes.
+decode of ``ids[prefix:read]``. The window moves on to the last emitted tokens after each
+emission, so a tokenizer that merges or strips spaces at a piece's start still gives
+exactly the text of the one-shot decode. Text that ends in an incomplete UTF-8 sequence
+(a multi-byte character split over byte-fallback tokens) is held back until it completes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-#: Tokens held back while their text ends in U+FFFD before it is emitted anyway: a
-#: character takes at most 4 bytes, so a longer run is a genuine replacement character.
+#: Tokens held back while they add no text or their text ends in U+FFFD, before the
+#: window moves on anyway (a character takes at most 4 bytes, so a longer run is a genuine
+#: replacement character, or special tokens that decode to nothing): the bound on work.
 MAX_PENDING = 8
 
 
@@ -49,8 +50,9 @@ class IncrementalDetokenizer:
         self.decoded_tokens = 0
         before = self._decode(self.ids[self._prefix:self._read])
         text = self._decode(self.ids[self._prefix:])
-        if text.endswith("\ufffd") and len(self.ids) - self._read < MAX_PENDING:
-            return ""
+        waiting = len(text) <= len(before) or text.endswith("\ufffd")
+        if waiting and len(self.ids) - self._read < MAX_PENDING:
+            return ""  # no new text yet: the window grows, so no leading space is lost
         self._prefix, self._read = self._read, len(self.ids)
         return text[len(before):]
 
