@@ -241,6 +241,9 @@ def _token_prompts(backend: Backend, prompt: Any) -> list[list[int]] | None:
     if isinstance(prompt[0], str):
         return None
     rows, listed = ([prompt], False) if isinstance(prompt[0], int) else (prompt, True)
+    if len(rows) > backend.limits.max_items:
+        raise RequestError(f"prompt: {len(rows)} items, more than the limit of "
+                           f"{backend.limits.max_items} per request", status=413)
     vocab, limit = len(backend.runtime.tokenizer), backend.limits.max_input_tokens
     for i, ids in enumerate(rows):
         name = f"prompt[{i}]" if listed else "prompt"
