@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serve.chat import ChatMessage, chat_prompt_ids, plain_messages
+from serve.completion_prompts import completion_prompts
 from serve.http_api import Backend, endpoint
 from serve.log_text import names_for_log
 from serve.logprobs import (
@@ -49,16 +50,9 @@ from serve.schemas import (
     GenerateItem,
     RequestError,
     check_max_new_tokens,
-    check_texts,
 )
 from serve.sse import sse, streaming_response
-from serve.token_limits import (
-    Prompt,
-    check_room,
-    check_room_count,
-    context_length,
-    fit_prompts,
-)
+from serve.token_limits import check_room_count, context_length
 
 log = logging.getLogger(__name__)
 
@@ -227,64 +221,6 @@ def _final_chunks(make_chunk: Callable, include_usage: bool) -> Callable:
     return chunk
 
 
-def _token_prompts(backend: Backend, prompt: Any) -> list[list[int]] | None:
-    """A completion prompt sent as token ids, one list per prompt (None: text).
-
-    Raises:
-        RequestError: No prompt, an empty one, one over ``max_input_tokens`` (never cut,
-            as OpenAI) or a token id outside the vocabulary, naming ``prompt[i]``.
-    """
-    if isinstance(prompt, str):
-        return None
-    if not prompt:
-        raise RequestError("prompt: must contain at least one prompt")
-    if isinstance(prompt[0], str):
-        return None
-    rows, listed = ([prompt], False) if isinstance(prompt[0], int) else (prompt, True)
-    if len(rows) > backend.limits.max_items:
-        raise RequestError(f"prompt: {len(rows)} items, more than the limit of "
-                           f"{backend.limits.max_items} per request", status=413)
-    vocab, limit = len(backend.runtime.tokenizer), backend.limits.max_input_tokens
-    for i, ids in enumerate(rows):
-        name = f"prompt[{i}]" if listed else "prompt"
-        if not ids:
-            raise RequestError(f"{name}: no tokens")
-        if len(ids) > limit:
-            raise RequestError(f"{name}: {len(ids)} tokens, more than the limit of {limit} "
-                               "(max_input_tokens)", code="context_length_exceeded")
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestError(f"{name}: token id {bad} is outside the vocabulary "
-                               f"(0 to {vocab - 1})")
-    return [list(ids) for ids in rows]
-
-
-async def _completion_prompts(backend: Backend, req: CompletionRequest,
-                              max_tokens: int) -> list[Prompt]:
-    """The prompts within the token limits, with their ids when ``echo`` needs them."""
-    token_rows = _token_prompts(backend, req.prompt)
-    if token_rows is None:
-        texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        check_texts("prompt", texts, backend.limits)
-        fitted = await fit_prompts(backend, "prompt", texts, keep="tail")
-        await check_room(backend, "max_tokens", "prompt", fitted, max_tokens,
-                         listed=not isinstance(req.prompt, str))
-    else:
-        context = context_length(backend.runtime)
-        listed = isinstance(req.prompt[0], list)
-        for i, ids in enumerate(token_rows):
-            check_room_count(context, "max_tokens", f"prompt[{i}]" if listed else "prompt",
-                             len(ids), max_tokens)
-        detok = backend.service.detokenizer
-        fitted = [Prompt(detok.decode(ids, skip_special_tokens=True), ids)
-                  for ids in token_rows]
-    if req.echo:
-        for prompt in fitted:
-            if prompt.ids is None:
-                prompt.ids = await backend.run_locked(backend.encode, prompt.text)
-    return fitted
-
-
 async def _scored_prompt(backend: Backend, ids: list[int], top: int) -> list[Any]:
     """Prompt-token entries of ``echo`` (first ``None``), from one forward over ``ids`` in
     a worker thread (outside the engine; the runtime serialises its own calls)."""
@@ -330,7 +266,7 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
         max_tokens = req.max_tokens  # OpenAI's default: 16
         if max_tokens is None:
             max_tokens = min(16, backend.limits.max_new_tokens)
-        fitted = await _completion_prompts(backend, req, max_tokens)
+        fitted = await completion_prompts(backend, req, max_tokens)
         items = [_item(backend, p.text, req, max_tokens) for p in fitted]
         for item, prompt in zip(items, fitted, strict=True):  # ids counted by either check
             item.prompt_ids, item.logprobs = prompt.ids, req.logprobs
