@@ -24,7 +24,7 @@ from tests.unit.variant_fixtures import build_lm_variants
 
 openai = pytest.importorskip("openai")
 
-FORMATS = ["merge", "onnx-fp32"]  # torch, and ONNX through the ONNX step-level LM
+FORMATS = ["merge", "onnx-fp32", "genai-fp32"]  # torch, optimum ONNX, onnxruntime-genai
 MESSAGES = [{"role": "user", "content": "the movie is good and the cat"}]
 TOL = 1e-4
 
@@ -32,7 +32,9 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def lms(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("logprobs-lm")
-    return build_lm_variants(tiny, root, ["{name: onnx-fp32, kind: export}"])
+    return build_lm_variants(tiny, root, [
+        "{name: onnx-fp32, kind: export}",
+        "{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}"])
 
 
 @pytest.fixture(scope="module")
