@@ -1,7 +1,9 @@
-"""What a stream's text costs: re-decoding the whole output for every token (before) vs
-incremental detokenization (:class:`serve.detokenize.IncrementalDetokenizer`).
+"""What a stream costs per token outside the model: its text, re-decoding the whole output
+for every token (before) vs incremental detokenization
+(:class:`serve.detokenize.IncrementalDetokenizer`); and the sampler's log-probabilities
+(:class:`serve.sampling.Sampler`, greedy, with and without ``logprobs``).
 
-    python -m bench.detok_cost --tokenizer build/bench/smollm2-135m-instruct --tokens 2000
+    python -m bench.stream_cost --tokenizer build/bench/smollm2-135m-instruct --tokens 2000
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from serve.detokenize import IncrementalDetokenizer
+from serve.runtimes import GenerationParams
+from serve.sampling import Sampler
 
 TEXT = ("Ünïcödé 日本語 🙂 and plain words: the model streams its answer token by token, "
         "and every token's text goes out as soon as it is complete. ")
@@ -40,8 +46,23 @@ def measure(tokenizer, ids: list[int]) -> dict[str, float]:
             "incremental_max_decoded_in_a_step": most}
 
 
+def sampler_cost(vocab: int, rows: int = 1000) -> dict[str, float]:
+    """Milliseconds a token for the greedy sampler over random ``[vocab]`` logits: without
+    logprobs, with the chosen token's, and with 5 alternatives (interleaved twice)."""
+    logits = np.random.default_rng(0).standard_normal((rows, vocab)).astype(np.float32)
+    out: dict[str, list[float]] = {}
+    for _ in range(2):
+        for name, top in (("off", None), ("logprobs_0", 0), ("logprobs_5", 5)):
+            sampler = Sampler(GenerationParams(logprobs=top))
+            start = time.perf_counter()
+            for row in logits:
+                sampler(row)
+            out.setdefault(name, []).append((time.perf_counter() - start) / rows * 1e3)
+    return {f"{name}_ms": round(min(times), 3) for name, times in out.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print the figures as JSON for stream lengths up to ``--tokens``."""
+    """Print the figures as JSON (stream lengths up to ``--tokens``)."""
     from transformers import AutoTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     ids = tokenizer(TEXT * (args.tokens // 10 + 1), add_special_tokens=False)["input_ids"]
     rows = [measure(tokenizer, ids[:n]) for n in (args.tokens // 4, args.tokens)]
-    print(json.dumps(rows, indent=2))
+    print(json.dumps({"detokenize": rows, "sampler": sampler_cost(len(tokenizer))}, indent=2))
     return 0
 
 
