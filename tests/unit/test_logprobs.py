@@ -5,6 +5,7 @@ lm-eval-harness's ``local-completions`` model reads it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from types import SimpleNamespace
 
@@ -194,3 +195,49 @@ def test_bad_logprob_requests_are_400_naming_the_field(served, path, body, param
     r = served.http.post(path, json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+class _ScriptLM:
+    """A step-level LM whose logits are given in advance, one row per forward."""
+
+    vocab_size, max_length = 5, 64
+
+    def __init__(self, rows: list[list[float]]) -> None:
+        self.rows = iter(np.asarray(rows, dtype=np.float32))
+
+    def prefill(self, slot: int, prompt_ids: list[int]) -> np.ndarray:
+        return next(self.rows)
+
+    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
+        return np.stack([next(self.rows) for _ in slots])
+
+    def free(self, slot: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("top", [None, 2])
+def test_engine_events_carry_logprobs_and_the_ending_eos_ones(top):
+    from serve.runtimes import GenerationParams
+
+    rows = [[0.0, 1.0, 3.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0, 2.5]]  # token 2, then EOS (4)
+
+    async def run():
+        engine = Engine(_ScriptLM(rows), {4}, EngineConfig())
+        try:
+            seq = engine.submit([1, 2], GenerationParams(max_new_tokens=5, logprobs=top))
+            events = [await seq.queue.get()]
+            while events[-1].token is not None:
+                events.append(await seq.queue.get())
+            return events
+        finally:
+            engine.close()
+
+    first, last = asyncio.run(run())
+    assert (first.token, last.token, last.finish_reason) == (2, None, "stop")
+    if top is None:
+        assert first.logprob is None and last.logprob is None
+        return
+    expected = torch.log_softmax(torch.tensor(rows, dtype=torch.float64), dim=-1).numpy()
+    assert first.logprob.token == 2 and abs(first.logprob.logprob - expected[0, 2]) < 1e-6
+    assert [t for t, _ in first.logprob.top] == [2, 1]
+    assert last.logprob.token == 4 and abs(last.logprob.logprob - expected[1, 4]) < 1e-6
