@@ -271,7 +271,7 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
         for item, prompt in zip(items, fitted, strict=True):  # ids counted by either check
             item.prompt_ids, item.logprobs = prompt.ids, req.logprobs
         top, echo = req.logprobs, bool(req.echo)
-        name = token_namer(backend.service.detokenizer)
+        name_of = token_namer(backend.service.detokenizer)
         heads = [p.text if echo else "" for p in fitted]
         scored = [await _scored_prompt(backend, p.ids, top) if echo and top is not None
                   else [] for p in fitted]
@@ -285,13 +285,14 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
                 return None
             ids = [e.token for e in entries]
             offsets = TextOffsets(detok)(head_ids[i]) + after_head[i](ids)
-            return completion_logprobs(scored[i] + entries, name, head_ids[i] + ids, offsets)
+            return completion_logprobs(scored[i] + entries, name_of, head_ids[i] + ids,
+                                       offsets)
 
-        ident, created, name_ = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name(backend)
+        ident, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name(backend)
 
         def body(choices: list[dict], usage: dict | None) -> dict:
             return {"id": ident, "object": "text_completion", "created": created,
-                    "model": name_, "choices": choices, "usage": usage}
+                    "model": name, "choices": choices, "usage": usage}
 
         if req.stream:
             if len(items) != 1:
