@@ -182,6 +182,22 @@ def test_completion_stream_with_logprobs_equals_the_answer(served):
     assert offsets == whole["logprobs"]["text_offset"]
 
 
+def test_streamed_echo_only(served, reference):
+    ids = list(reference.tokenizer("the cat and the dog")["input_ids"])
+    body = {"model": "m", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with served.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = [x[6:] for x in r.iter_lines() if x.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunk, usage = json.loads(lines[0]), json.loads(lines[1])
+    [choice] = chunk["choices"]
+    assert len(choice["logprobs"]["tokens"]) == len(ids)
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    assert choice["finish_reason"] == "length"
+    assert usage["usage"]["prompt_tokens"] == len(ids) and len(lines) == 3
+
+
 @pytest.mark.parametrize("path,body,param", [
     ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21},
