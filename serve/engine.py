@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve.llm_metrics import LLMMetrics, llm_metrics
+from serve.logprobs import TokenLogprob
 from serve.runtimes import GenerationParams
 from serve.sampling import Sampler
 
@@ -102,11 +103,16 @@ class Sequence:
 
 @dataclass
 class Event:
-    """What a request's queue receives: a token, or its end (``finish_reason``/error)."""
+    """What a request's queue receives: a token, or its end (``finish_reason``/error).
+
+    ``logprob``: the token's log-probability when the request asked for them; on an end
+    by EOS, the EOS token's (not emitted as text, but scored, as vLLM reports it).
+    """
 
     token: int | None = None
     finish_reason: str | None = None
     error: EngineRefused | None = None
+    logprob: TokenLogprob | None = None
 
 
 # What one engine iteration hands to the event loops, in order.
@@ -285,7 +291,7 @@ class Engine:
     def _emit(self, seq: Sequence, token: int, step: Events) -> None:
         """Record one sampled token: deliver it, or end the sequence (EOS, length)."""
         if token in self.eos_ids:
-            self._finish(seq, step, reason="stop")
+            self._finish(seq, step, reason="stop", last=seq.sampler.last)
             return
         now = time.monotonic()
         if seq.generated == 0:
@@ -295,13 +301,13 @@ class Engine:
         seq.generated += 1
         seq.last_token, seq.last_time = token, now
         self.metrics.generation_tokens.inc()
-        step.append((seq, Event(token=token)))
+        step.append((seq, Event(token=token, logprob=seq.sampler.last)))
         if (seq.generated >= seq.params.max_new_tokens
                 or len(seq.prompt_ids) + seq.generated >= self.context):
             self._finish(seq, step, reason="length")
 
     def _finish(self, seq: Sequence, step: Events, reason: str | None = None,
-                error: EngineRefused | None = None) -> None:
+                error: EngineRefused | None = None, last: TokenLogprob | None = None) -> None:
         if seq in self._running:
             self._running.remove(seq)
             try:
@@ -313,7 +319,7 @@ class Engine:
         if reason is not None:
             self.metrics.request_success.labels(finished_reason=reason).inc()
             self.metrics.e2e_request_latency.observe(time.monotonic() - seq.arrived)
-        step.append((seq, Event(finish_reason=reason, error=error)))
+        step.append((seq, Event(finish_reason=reason, error=error, logprob=last)))
 
     @staticmethod
     def _deliver(step: Events) -> None:

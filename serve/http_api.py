@@ -156,17 +156,21 @@ class Backend:
         text = await completion.text()
         return {"text": text, "prompt_tokens": completion.prompt_tokens,
                 "completion_tokens": completion.completion_tokens,
-                "finish_reason": completion.finish_reason}
+                "finish_reason": completion.finish_reason, "logprobs": completion.logprobs}
 
     async def stream_response(self, item: GenerateItem,
-                              chunk: Callable[[str | None, Any], str | None]
+                              chunk: Callable[[str | None, Any], str | None],
+                              opened: Callable[[Completion], None] | None = None
                               ) -> EventStreamResponse:
         """A streamed completion: ``chunk(delta, None)`` per text delta, then
-        ``chunk(None, completion)`` once it ended (for the final chunk), then ``[DONE]``.
+        ``chunk(None, completion)`` once it ended (for the final chunk), then ``[DONE]``;
+        ``opened(completion)`` first, once admitted (a route that reads more than text).
 
         Admission is awaited first, so an overloaded server answers 503 before any header.
         """
         completion = await self.open_completion(item)
+        if opened is not None:
+            opened(completion)
 
         async def events() -> AsyncIterator[str]:
             async with aclosing(completion.deltas()) as deltas:
@@ -190,7 +194,8 @@ def to_params(item: GenerateItem) -> GenerationParams:
     """Decoding settings of a queued item."""
     temperature = 0.0 if item.temperature < MIN_TEMPERATURE else item.temperature
     return GenerationParams(max_new_tokens=item.max_new_tokens, temperature=temperature,
-                            top_p=item.top_p, stop=list(item.stop), seed=item.seed)
+                            top_p=item.top_p, stop=list(item.stop), seed=item.seed,
+                            logprobs=item.logprobs)
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from serve.logprobs import TokenLogprob, token_logprob
 from serve.runtimes import GenerationParams
 
 
@@ -24,9 +25,19 @@ class Sampler:
         self.temperature = params.temperature
         self.top_p = params.top_p
         self.rng = np.random.default_rng(params.seed) if params.temperature > 0 else None
+        self.top_logprobs = params.logprobs
+        #: The last token's log-probability, when the request asked for them.
+        self.last: TokenLogprob | None = None
 
     def __call__(self, logits: np.ndarray) -> int:
-        """The next token id for ``logits`` [vocab]."""
+        """The next token id for ``logits`` [vocab]; its log-probability (of the raw
+        logits) goes to :attr:`last` when asked for."""
+        token = self._pick(logits)
+        if self.top_logprobs is not None:
+            self.last = token_logprob(logits, token, self.top_logprobs)
+        return token
+
+    def _pick(self, logits: np.ndarray) -> int:
         if self.rng is None:
             return int(np.argmax(logits))
         scaled = logits.astype(np.float64) / self.temperature

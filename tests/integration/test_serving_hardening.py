@@ -176,8 +176,10 @@ BAD = [
     ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2**64}).encode(), 400,
      "max_tokens:", "max_tokens"),
     ("/v1/chat/completions", json.dumps({"messages": CHAT, "n": 2}).encode(), 400, "n:", "n"),
-    ("/v1/chat/completions", json.dumps({"messages": CHAT, "logprobs": True}).encode(), 400,
-     "logprobs: not supported", "logprobs"),
+    ("/v1/chat/completions", json.dumps({"messages": CHAT, "top_logprobs": 2}).encode(), 400,
+     "top_logprobs: needs logprobs: true", "top_logprobs"),
+    ("/v1/completions", json.dumps({"prompt": [[5]] * 65}).encode(), 413,
+     "prompt: 65 items, more than the limit of 64", "prompt"),
     ("/v1/chat/completions", json.dumps({"messages": CHAT, "tools": [
         {"type": "function", "function": {"name": "f"}}]}).encode(), 400,
      "tools: tool calling is not supported", "tools"),
