@@ -1,4 +1,5 @@
-"""Next-token choice from logits (greedy, or temperature + nucleus sampling with a seed)."""
+"""Next-token choice from logits (greedy, or temperature + nucleus sampling with a seed),
+within a grammar's token mask for a structured-output request."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ class Sampler:
     prompt agree wherever the logits do. Sampling draws from the softmax of
     ``logits / temperature`` cut to the smallest set whose mass reaches ``top_p``, with a
     generator of its own per sequence: a seeded request gives the same tokens whatever
-    else runs beside it.
+    else runs beside it. A request with a grammar (:mod:`serve.grammar`) has its own
+    matcher: the logits are masked to the tokens it allows before the pick, and it
+    advances with the token picked (so EOS comes only once the output is complete).
 
     Args:
         params: The request's decoding settings.
@@ -24,9 +27,17 @@ class Sampler:
         self.temperature = params.temperature
         self.top_p = params.top_p
         self.rng = np.random.default_rng(params.seed) if params.temperature > 0 else None
+        self.matcher = params.grammar.matcher() if params.grammar is not None else None
 
     def __call__(self, logits: np.ndarray) -> int:
         """The next token id for ``logits`` [vocab]."""
+        if self.matcher is None:
+            return self._pick(logits)
+        token = self._pick(self.matcher.mask(logits))
+        self.matcher.accept(token)
+        return token
+
+    def _pick(self, logits: np.ndarray) -> int:
         if self.rng is None:
             return int(np.argmax(logits))
         scaled = logits.astype(np.float64) / self.temperature

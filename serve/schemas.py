@@ -212,6 +212,7 @@ class GenerateItem(BaseModel):
     top_p: float = 1.0
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    grammar: Any = None  # a serve.grammar.Grammar: structured outputs (engine only)
 
     def params_key(self) -> tuple:
         """Items with equal keys can run in one ``Runtime.generate`` call."""
