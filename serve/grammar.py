@@ -61,14 +61,18 @@ class Matcher:
         self._bits = np.empty((vocab + 31) // 32, dtype=np.int32)
 
     def allowed(self) -> np.ndarray:
-        """Bool [tokenizer vocab]: the tokens the grammar allows next."""
-        if self._m.is_error():
-            allowed = np.zeros(self._vocab, dtype=bool)
-            allowed[self._eos] = True
-            return allowed
-        self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
-        return bits[: self._vocab].astype(bool)
+        """Bool [tokenizer vocab]: the tokens the grammar allows next (EOS alone when
+        the matcher failed or no token of this vocabulary can continue the output)."""
+        if not self._m.is_error():
+            self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+            bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
+            allowed = bits[: self._vocab].astype(bool)
+            if allowed.any():
+                return allowed
+            log.warning("grammar: no token can continue the output; ending it")
+        allowed = np.zeros(self._vocab, dtype=bool)
+        allowed[self._eos] = True
+        return allowed
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` [vocab] with every token the grammar forbids at ``-inf`` (a copy)."""
@@ -101,6 +105,8 @@ class GrammarCompiler:
         self.tokenizer = llguidance.LLTokenizer(
             llguidance.TokenizerWrapper(_Tokens(hf_tokenizer, eos)),
             n_vocab=len(hf_tokenizer), eos_token=eos)
+        self._text_tokens = np.ones(len(hf_tokenizer), dtype=bool)
+        self._text_tokens[sorted(set(hf_tokenizer.all_special_ids))] = False
 
     def json_schema(self, field: str, schema: Any) -> Grammar:
         """The grammar of JSON valid against ``schema``.
@@ -123,6 +129,11 @@ class GrammarCompiler:
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error and not error.startswith("WARNING"):
             raise RequestError(f"{field}: unsupported or invalid schema ({_short(error)})")
+        first = np.frombuffer(llguidance.LLMatcher(self.tokenizer, grammar).compute_bitmask(),
+                              dtype=np.uint8)
+        first = np.unpackbits(first, bitorder="little")[: len(self._text_tokens)]
+        if not (first.astype(bool) & self._text_tokens).any():
+            raise RequestError(f"{field}: this model's vocabulary cannot write JSON")
         return Grammar(grammar, self.tokenizer)
 
 

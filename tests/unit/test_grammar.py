@@ -143,3 +143,18 @@ def test_token_bytes_undo_the_byte_level_alphabet(lm):
     for text in ['{"a": 1}', "é\x1a\n"]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert b"".join(pieces[i] for i in ids) == text.encode("utf-8")
+
+
+def test_a_vocabulary_that_cannot_write_json_is_refused(tiny):
+    """The word-level tiny Llama has no ``{``: a 400 naming the field, not garbage."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
+    with pytest.raises(RequestError) as info:
+        GrammarCompiler(tokenizer, {EOS}).json_schema("response_format", {"type": "object"})
+    assert str(info.value) == "response_format: this model's vocabulary cannot write JSON"
+
+
+def test_a_refused_token_ends_only_that_output(lm):
+    tokenizer, _, compiler = lm
+    matcher = compiler.json_schema("response_format", {"type": "object"}).matcher()
+    matcher.accept(tokenizer.convert_tokens_to_ids("x"))  # not JSON: the matcher fails
+    assert np.flatnonzero(matcher.allowed()).tolist() == [EOS]
