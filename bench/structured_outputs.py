@@ -6,8 +6,9 @@ For each artifact a server is started (and stopped) by PID, then
    (:data:`SCHEMA`) and room to finish (``--max-tokens``), through ``--streams``
    closed-loop clients; every answer is parsed and validated with ``jsonschema``;
 2. cost: rounds alternate an unconstrained and a constrained phase of
-   ``--speed-requests`` requests each, same prompts, greedy, at ``--streams`` streams,
-   with ``max_tokens`` (``--speed-tokens``) below the JSON's length, so both phases
+   ``--speed-requests`` requests each, same prompts (which also ask for a long story),
+   greedy, at ``--streams`` streams, with ``max_tokens`` (``--speed-tokens``) below the
+   JSON's length, so both phases
    generate the same number of tokens per request and their aggregate tok/s (completion
    tokens over wall time) compares the per-token cost alone. The validity phase's own
    tok/s, with answers of their natural lengths, is reported beside it.
@@ -64,13 +65,18 @@ FORMAT = {"type": "json_schema",
 CITIES = ["Paris", "Berlin", "Boston", "Osaka", "Lyon", "Munich", "Denver", "Kyoto"]
 
 
-def _body(i: int, max_tokens: int, constrained: bool) -> dict[str, Any]:
+def _body(i: int, max_tokens: int, constrained: bool, long: bool = False
+          ) -> dict[str, Any]:
+    """Chat request ``i``; ``long`` asks for more than the JSON (so that a free answer
+    does not end before ``max_tokens`` either)."""
+    ask = f"Make up user number {i}, who lives in {CITIES[i % len(CITIES)]}."
+    if long:
+        ask += " Then tell a long story about their week, day by day."
     messages = [
         {"role": "system", "content": "You answer with one JSON object describing a user: "
                                       "name, role (admin, editor or viewer), age, address "
                                       "(city, country code), tags, active."},
-        {"role": "user", "content": f"Make up user number {i}, who lives in "
-                                    f"{CITIES[i % len(CITIES)]}."}]
+        {"role": "user", "content": ask}]
     body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens,
                             "temperature": 0}
     if constrained:
@@ -79,7 +85,8 @@ def _body(i: int, max_tokens: int, constrained: bool) -> dict[str, Any]:
 
 
 async def phase(url: str, requests: int, streams: int, max_tokens: int,
-                constrained: bool, validate: bool = False) -> dict[str, Any]:
+                constrained: bool, validate: bool = False, long: bool = False
+                ) -> dict[str, Any]:
     """``requests`` chat requests through ``streams`` closed-loop clients; with
     ``validate``, every answer is parsed and checked against :data:`SCHEMA`."""
     import jsonschema
@@ -90,7 +97,7 @@ async def phase(url: str, requests: int, streams: int, max_tokens: int,
     async def client_loop(client: httpx.AsyncClient) -> None:
         for i in todo:
             r = await client.post(f"{url}/v1/chat/completions",
-                                  json=_body(i, max_tokens, constrained))
+                                  json=_body(i, max_tokens, constrained, long))
             r.raise_for_status()
             answers.append(r.json())
 
@@ -140,7 +147,7 @@ def run_artifact(artifact: Path, args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.rounds):
             for constrained in (False, True):
                 result = asyncio.run(phase(server.url, args.speed_requests, args.streams,
-                                           args.speed_tokens, constrained))
+                                           args.speed_tokens, constrained, long=True))
                 log.info("%s cost: %s", artifact.name, json.dumps(result))
                 phases.append(result)
     finally:
