@@ -95,6 +95,43 @@ def build_llama(dst: Path, seed: int = 0) -> Path:
     return dst
 
 
+def build_llama_bytes(dst: Path, seed: int = 0) -> Path:
+    """Save a 2-layer Llama (hidden 32, context 1024) whose tokenizer is byte-level BPE
+    with no merges: one token per byte, so any text (JSON included) can be generated."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    torch.manual_seed(seed)
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 2)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+        eos_token="</s>", model_input_names=["input_ids", "attention_mask"],
+        padding_side="left", model_max_length=1024)
+    fast.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                         max_position_embeddings=1024, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    model.save_pretrained(dst, safe_serialization=True)
+    fast.save_pretrained(dst)
+    return dst
+
+
 def build_adapter(base: Path, dst: Path, task: str, seed: int = 1, rank: int = 4,
                   target_modules: list[str] | None = None) -> Path:
     """Save a randomly initialised LoRA adapter for ``base`` to ``dst``.
@@ -139,6 +176,7 @@ def build_all(root: Path) -> dict[str, Path]:
     paths = {
         "bert": build_bert(root / "bert"),
         "llama": build_llama(root / "llama"),
+        "llama-bytes": build_llama_bytes(root / "llama-bytes"),
     }
     paths["bert-lora"] = build_adapter(paths["bert"], root / "bert-lora", "text-classification")
     paths["llama-lora"] = build_adapter(paths["llama"], root / "llama-lora", "text-generation")

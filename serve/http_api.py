@@ -195,7 +195,8 @@ def to_params(item: GenerateItem) -> GenerationParams:
     temperature = 0.0 if item.temperature < MIN_TEMPERATURE else item.temperature
     return GenerationParams(max_new_tokens=item.max_new_tokens, temperature=temperature,
                             top_p=item.top_p, stop=list(item.stop), seed=item.seed,
-                            logprobs=item.logprobs)
+                            logprobs=item.logprobs,
+                            grammar=item.grammar)
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:

@@ -9,18 +9,23 @@ parts, special-token strings kept as text); a conversation over ``max_input_toke
 the model's context is a 400 naming ``messages`` (never cut). As vLLM's server: unknown
 fields are ignored with a logged warning, ``null`` means the default, errors are OpenAI's
 error object. Fields this server cannot honour (``n > 1``, penalties, ``logit_bias``,
-tools, a ``response_format`` other than text) get a 400 naming the field rather than
-being ignored silently.
+tools) get a 400 naming the field rather than being ignored silently.
 
 Log-probabilities (:mod:`serve.logprobs`): ``logprobs``/``top_logprobs`` on chat,
 ``logprobs`` (alternatives per token) and ``echo`` on completions, streamed or not.
 ``echo`` with ``max_tokens: 0`` scores the prompt only, as lm-eval-harness's
 ``local-completions`` model asks; a completion prompt may be token ids (OpenAI's
 ``list[int]`` / ``list[list[int]]``), as that model sends it.
+
+``response_format`` ``json_object``/``json_schema`` (and vLLM's ``guided_json``) constrain
+the answer with a grammar (:mod:`serve.grammar`); a schema the compiler cannot honour is a
+400 naming the field. A ``max_tokens`` cut ends with ``finish_reason: "length"`` and may
+leave the JSON incomplete, as OpenAI's does.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -34,6 +39,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve.chat import ChatMessage, chat_prompt_ids, plain_messages
 from serve.completion_prompts import completion_prompts
+from serve.grammar import Grammar, compiler_for
 from serve.http_api import Backend, endpoint
 from serve.log_text import names_for_log
 from serve.logprobs import (
@@ -78,10 +84,22 @@ def _only(**schema: Any) -> Any:
     return {"json_schema_extra": schema}
 
 
-class ResponseFormat(_Lenient):
-    """``response_format``: only ``{"type": "text"}`` is honoured."""
+class JsonSchemaFormat(_Lenient):
+    """``response_format.json_schema``: the schema the answer must validate against
+    (enforced whatever ``strict`` says, as vLLM does)."""
 
-    type: str = Field(..., **_only(enum=["text"]))
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    """``response_format``: ``text``, ``json_object`` (any JSON object) or
+    ``json_schema`` (JSON valid against ``json_schema.schema``)."""
+
+    type: str = Field(..., **_only(enum=["text", "json_object", "json_schema"]))
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _OpenAIParams(_Lenient):
@@ -101,6 +119,7 @@ class _OpenAIParams(_Lenient):
                                             **_only(minimum=0, maximum=0))
     logit_bias: dict[str, float] | None = Field(None, **_only(maxProperties=0))
     response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's name for a JSON schema
 
     def check(self, path: str) -> None:
         """Refuse what this server cannot honour (400 naming the field); log ignored
@@ -117,9 +136,26 @@ class _OpenAIParams(_Lenient):
         if self.logit_bias:
             raise RequestError("logit_bias: not supported (use {} or null)",
                                code="unsupported_parameter")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise RequestError(f"response_format.type: only 'text' is supported, got "
-                               f"'{self.response_format.type}'", code="unsupported_value")
+        fmt = self.response_format
+        if fmt is not None and fmt.type not in ("text", "json_object", "json_schema"):
+            raise RequestError("response_format.type: must be 'text', 'json_object' or "
+                               f"'json_schema', got '{fmt.type}'", code="unsupported_value")
+        if fmt is not None and fmt.type != "text" and self.guided_json is not None:
+            raise RequestError("guided_json: give either guided_json or response_format")
+
+    def json_schema(self) -> tuple[str, Any] | None:
+        """``(field, schema)`` the answer must follow, or None for free text."""
+        fmt = self.response_format
+        if self.guided_json is not None:
+            return "guided_json", _parsed("guided_json", self.guided_json)
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return "response_format", {"type": "object"}
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise RequestError("response_format.json_schema.schema: field required for "
+                               "type 'json_schema'")
+        return "response_format.json_schema.schema", fmt.json_schema.schema_
 
     def stops(self) -> list[str]:
         """``stop`` as a list."""
@@ -189,14 +225,35 @@ class ChatRequest(_OpenAIParams):
                                    code="unsupported_parameter")
 
 
+def _parsed(field: str, schema: Any) -> Any:
+    """A schema given as a JSON string (as vLLM's ``guided_json`` allows), parsed."""
+    if not isinstance(schema, str):
+        return schema
+    try:
+        return json.loads(schema)
+    except ValueError:
+        raise RequestError(f"{field}: not valid JSON") from None
+
+
+async def _grammar(backend: Backend, req: _OpenAIParams) -> Grammar | None:
+    """The request's structured-output grammar (400 naming the field if unsupported)."""
+    spec = req.json_schema()
+    if spec is None:
+        return None
+    runtime = backend.runtime
+    compiler = await backend.run_locked(compiler_for, runtime.tokenizer, runtime.eos_ids)
+    return await backend.run_locked(compiler.json_schema, *spec)
+
+
 def _item(backend: Backend, prompt: str, req: _OpenAIParams, max_tokens: int,
-          field: str = "max_tokens", prompt_ids: list[int] | None = None) -> GenerateItem:
+          field: str = "max_tokens", prompt_ids: list[int] | None = None,
+          grammar: Grammar | None = None) -> GenerateItem:
     check_max_new_tokens(field, max_tokens, backend.limits)
     seed = None if req.seed is None else req.seed % 2**63  # the sampler wants >= 0
     return GenerateItem(prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_tokens,
                         temperature=1.0 if req.temperature is None else req.temperature,
                         top_p=1.0 if req.top_p is None else req.top_p,
-                        stop=req.stops(), seed=seed)
+                        stop=req.stops(), seed=seed, grammar=grammar)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -267,7 +324,8 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
         if max_tokens is None:
             max_tokens = min(16, backend.limits.max_new_tokens)
         fitted = await completion_prompts(backend, req, max_tokens)
-        items = [_item(backend, p.text, req, max_tokens) for p in fitted]
+        grammar = await _grammar(backend, req)
+        items = [_item(backend, p.text, req, max_tokens, grammar=grammar) for p in fitted]
         for item, prompt in zip(items, fitted, strict=True):  # ids counted by either check
             item.prompt_ids, item.logprobs = prompt.ids, req.logprobs
         top, echo = req.logprobs, bool(req.echo)
@@ -349,7 +407,8 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
                                    code="context_length_exceeded")
             asked = min(limits.max_new_tokens, context - n) if context else (
                 limits.max_new_tokens)
-        item = _item(backend, "", req, asked, field, prompt_ids=ids)
+        item = _item(backend, "", req, asked, field, prompt_ids=ids,
+                     grammar=await _grammar(backend, req))
         if req.logprobs:
             item.logprobs = req.top_logprobs or 0
         name_of = token_namer(backend.service.detokenizer)

@@ -76,6 +76,8 @@ class GenerationParams:
         seed: Random seed for sampling (reproducible outputs).
         logprobs: Alternatives to report with each generated token's log-probability
             (``None``: no log-probabilities; the engine only).
+        grammar: A :class:`serve.grammar.Grammar` the output must follow (structured
+            outputs; the engine's sampler applies it), or None.
     """
 
     max_new_tokens: int = 32
@@ -84,6 +86,7 @@ class GenerationParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None
+    grammar: Any = None
 
 
 @dataclass

@@ -186,7 +186,7 @@ BAD = [
     ("/v1/chat/completions", json.dumps({"messages": CHAT, "logit_bias": {"5": 3}}).encode(),
      400, "logit_bias: not supported", "logit_bias"),
     ("/v1/chat/completions", json.dumps({"messages": CHAT, "response_format": {
-        "type": "json_object"}}).encode(), 400, "response_format.type:", "response_format.type"),
+        "type": "yaml"}}).encode(), 400, "response_format.type:", "response_format.type"),
     ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}).encode(), 400,
      "messages[0].content[0].type: only text parts", "messages[0].content[0].type"),
