@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup test test-gpu lint demo tiny-demo tiny bench bench-offline clean peers-venv \
+.PHONY: setup test test-gpu lint demo tiny-demo tiny bench bench-offline clean peers-venv lm-eval-venv \
 	bench-smollm2 bench-peers bench-soak bench-serve bench-int4-peer
 
 setup: $(STAMP)
@@ -125,3 +125,15 @@ bench-serve: setup
 
 clean:
 	rm -rf build artifacts demo-output .pytest_cache
+
+# lm-eval-harness in a venv of its own (never .venv): `python -m bench.lm_eval_parity`
+# runs it against `modelpress serve` and its hf backend. torch first (the CPU wheel), and
+# transformers pinned as the project's so both sides tokenize and score alike.
+LMEVAL := .venv-lmeval
+lm-eval-venv: $(LMEVAL)/.installed
+
+$(LMEVAL)/.installed:
+	test -x $(LMEVAL)/bin/python || $(PYTHON) -m venv $(LMEVAL)
+	$(LMEVAL)/bin/pip install --quiet torch==2.13.0
+	$(LMEVAL)/bin/pip install --quiet 'lm-eval[hf,api]==0.4.13' 'transformers>=4.57,<4.58'
+	touch $(LMEVAL)/.installed

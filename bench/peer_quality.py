@@ -33,7 +33,15 @@ log = logging.getLogger(__name__)
 LLAMA_LOGITS_SCRIPT = """
 import json, sys
 import numpy as np
+import llama_cpp.llama_cpp as low
 from llama_cpp import Llama
+if sys.argv[4] == "0":  # llama.cpp's --no-repack: plain weight buffers, no CPU repacking
+    defaults = low.llama_model_default_params
+    def no_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+    low.llama_model_default_params = no_repack
 llm = Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_batch=int(sys.argv[2]),
             n_threads=int(sys.argv[3]), logits_all=True, verbose=False, seed=0)
 for line in sys.stdin:
@@ -43,6 +51,40 @@ for line in sys.stdin:
     np.save(job["out"], np.asarray(llm.scores[:len(job["ids"])], dtype=np.float32))
     print("ok", flush=True)
 """
+
+
+# Runs in the peers venv: a JSON list of texts on stdin, llama.cpp's token ids (BOS/EOS as
+# the GGUF's flags say, special tokens not parsed) printed back as one JSON list.
+LLAMA_TOKENS_SCRIPT = """
+import json, sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
+texts = json.load(sys.stdin)
+print(json.dumps([llm.tokenize(t.encode(), add_bos=True, special=False) for t in texts]))
+"""
+
+
+def llama_cpp_token_ids(gguf: Path, texts: list[str],
+                        python: Path = PEERS_PYTHON) -> list[list[int]]:
+    """llama.cpp's tokenization of ``texts`` with the GGUF's own vocabulary."""
+    done = subprocess.run([str(python), "-c", LLAMA_TOKENS_SCRIPT, str(gguf)],
+                          input=json.dumps(texts), capture_output=True, text=True,
+                          timeout=600, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def tokenizer_parity(gguf: Path, texts: list[str], python: Path = PEERS_PYTHON
+                     ) -> dict[str, Any]:
+    """How many ``texts`` the import's GGUF tokenizer rebuild tokenizes as llama.cpp does."""
+    from compress.stages.gguf_tokenizer import read_vocab, reference_ids, reference_tokenizer
+
+    vocab = read_vocab(gguf)
+    reference = reference_tokenizer(vocab)
+    peer = llama_cpp_token_ids(gguf, texts, python)
+    ours = [reference_ids(reference, vocab, t) for t in texts]
+    differing = [t for t, a, b in zip(texts, ours, peer, strict=True) if a != b]
+    return {"gguf": str(gguf), "tokenizer": f"{vocab.model}/{vocab.pre}", "texts": len(texts),
+            "identical": len(texts) - len(differing), "differing": differing}
 
 
 class _Manifest:
@@ -58,12 +100,16 @@ class LlamaCppScorer:
         python: The peers venv's Python (llama-cpp-python).
         max_length: Token window (the evaluation's, 256).
         threads: llama.cpp threads.
+        repack: llama.cpp's CPU weight repacking (false: its ``--no-repack``). Off by
+            default: llama-cpp-python 0.3.36 as ``make peers-venv`` builds it on this
+            machine (AVX512/AMX) segfaults evaluating with it (SmolLM2's Q4_1 and Gemma-3's
+            Q4_K_M files alike).
     """
 
     manifest = _Manifest()
 
     def __init__(self, gguf: Path, tokenizer_dir: Path, python: Path = PEERS_PYTHON,
-                 max_length: int = 256, threads: int = 2) -> None:
+                 max_length: int = 256, threads: int = 2, repack: bool = False) -> None:
         from transformers import AutoTokenizer
 
         if not python.exists():
@@ -72,7 +118,8 @@ class LlamaCppScorer:
         self.max_length = max_length
         self._tmp = tempfile.TemporaryDirectory(prefix="peer-logits-")
         self._proc = subprocess.Popen(
-            [str(python), "-c", LLAMA_LOGITS_SCRIPT, str(gguf), str(max_length), str(threads)],
+            [str(python), "-c", LLAMA_LOGITS_SCRIPT, str(gguf), str(max_length), str(threads),
+             str(int(repack))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def count_tokens(self, text: str) -> int:
@@ -103,7 +150,7 @@ class LlamaCppScorer:
 
 
 def peer_quality(gguf: Path, reference: Path, data: Path, python: Path = PEERS_PYTHON,
-                 threads: int = 2) -> dict[str, Any]:
+                 threads: int = 2, repack: bool = False) -> dict[str, Any]:
     """Score llama.cpp on ``data`` against the reference artifact (perplexity, agreement)."""
     from compress.data import load_examples
     from compress.evaluate import predict, score
@@ -115,13 +162,14 @@ def peer_quality(gguf: Path, reference: Path, data: Path, python: Path = PEERS_P
     ref_pred = predict(ref_rt, examples, progress=False)
     ref = score(ref_rt.manifest.task, examples, ref_pred)
     del ref_rt
-    peer = LlamaCppScorer(gguf, reference, python, threads=threads)
+    peer = LlamaCppScorer(gguf, reference, python, threads=threads, repack=repack)
     try:
         result = score("text-generation", examples, predict(peer, examples, progress=False),
                        ref_pred)
     finally:
         peer.close()
     return {"peer": f"llama.cpp ({gguf.name})", "gguf": str(gguf), "data": str(data),
+            "repack": repack,
             "reference": str(reference), "reference_perplexity": ref["value"],
             "reference_ci95": ref["ci95"], **result}
 
@@ -135,11 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="Perplexity eval JSONL.")
     parser.add_argument("--peers-python", type=Path, default=PEERS_PYTHON)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repack", action="store_true",
+                        help="llama.cpp with CPU weight repacking (off: its --no-repack).")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = peer_quality(args.gguf, args.reference, args.data, args.peers_python,
-                          args.threads)
+                          args.threads, repack=args.repack)
     ref = result["reference"]
     print(f"{result['peer']}: perplexity {result['value']:.2f} "
           f"[{result['ci95'][0]:.1f}, {result['ci95'][1]:.1f}] (reference "

@@ -87,14 +87,26 @@ def load_model(task: str, path: Path, *, gguf_file: str | None = None,
 
 
 def load_tokenizer(*folders: Path, gguf_file: str | None = None):
-    """Load the tokenizer from the first folder that has tokenizer files."""
+    """Load the tokenizer from the first folder that has tokenizer files.
+
+    Else the one converted from ``gguf_file`` (in the last folder), checked against the
+    GGUF's own tokenization (``gguf_tokenizer.checked_tokenizer``: rebuilt from the GGUF
+    vocabulary where transformers' conversion is wrong).
+
+    Raises:
+        InputError: No tokenizer, or a GGUF whose converted tokenizer differs from its own
+            tokenization and cannot be rebuilt.
+    """
     from transformers import AutoTokenizer
 
     for folder in folders:
         if any((folder / name).is_file() for name in TOKENIZER_FILES):
             return AutoTokenizer.from_pretrained(folder)
     if gguf_file:
-        return AutoTokenizer.from_pretrained(folders[-1], gguf_file=gguf_file)
+        from compress.stages.gguf_tokenizer import checked_tokenizer
+
+        converted = AutoTokenizer.from_pretrained(folders[-1], gguf_file=gguf_file)
+        return checked_tokenizer(converted, folders[-1] / gguf_file)
     raise InputError(f"{folders[-1]}: no tokenizer files found")
 
 

@@ -95,6 +95,43 @@ def build_llama(dst: Path, seed: int = 0) -> Path:
     return dst
 
 
+def build_llama_bytes(dst: Path, seed: int = 0) -> Path:
+    """Save a 2-layer Llama (hidden 32, context 1024) whose tokenizer is byte-level BPE
+    with no merges: one token per byte, so any text (JSON included) can be generated."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    torch.manual_seed(seed)
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 2)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+        eos_token="</s>", model_input_names=["input_ids", "attention_mask"],
+        padding_side="left", model_max_length=1024)
+    fast.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                         max_position_embeddings=1024, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    model.save_pretrained(dst, safe_serialization=True)
+    fast.save_pretrained(dst)
+    return dst
+
+
 def build_adapter(base: Path, dst: Path, task: str, seed: int = 1, rank: int = 4,
                   target_modules: list[str] | None = None) -> Path:
     """Save a randomly initialised LoRA adapter for ``base`` to ``dst``.
@@ -139,6 +176,7 @@ def build_all(root: Path) -> dict[str, Path]:
     paths = {
         "bert": build_bert(root / "bert"),
         "llama": build_llama(root / "llama"),
+        "llama-bytes": build_llama_bytes(root / "llama-bytes"),
     }
     paths["bert-lora"] = build_adapter(paths["bert"], root / "bert-lora", "text-classification")
     paths["llama-lora"] = build_adapter(paths["llama"], root / "llama-lora", "text-generation")
@@ -147,3 +185,87 @@ def build_all(root: Path) -> dict[str, Path]:
                                           target_modules=["q_proj", "o_proj"])
     log.info("tiny models written to %s", root)
     return paths
+
+
+def random_gguf_blocks(qtype: str, rows: int, cols: int, seed: int = 0):
+    """Random but well-formed GGUF blocks [rows, bytes] of ``qtype`` (any integers, small
+    positive fp16 scales), for the k-quants ``gguf`` cannot quantize (Q4_K, Q5_K, Q6_K)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    kind = GGMLQuantizationType[qtype]
+    values, size = GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // values, size), dtype=np.uint8)
+
+    def f16(n: int):
+        return rng.uniform(1e-3, 2e-2, (rows, cols // values, n)).astype(np.float16) \
+            .view(np.uint8)
+
+    if qtype in ("Q4_K", "Q5_K"):  # d, dmin first
+        raw[..., :4] = f16(2)
+    elif qtype == "Q6_K":  # d last
+        raw[..., -2:] = f16(1)
+    else:  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: d (and m) first
+        n = 2 if qtype in ("Q4_1", "Q5_1") else 1
+        raw[..., :2 * n] = f16(n)
+    return raw.reshape(rows, -1)
+
+
+def spm_vocab(texts: list[str], merges: int = 120) -> tuple[list[str], list[float], list[int]]:
+    """A Gemma-style SentencePiece BPE vocabulary learnt on ``texts`` (no network).
+
+    (tokens, scores, token types) as a GGUF stores them: control tokens, 256 byte tokens,
+    the characters, then merged pieces scored by minus their merge rank (as Gemma 3's
+    GGUF is), so merge order lives only in the scores.
+    """
+    from collections import Counter
+    from itertools import pairwise
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    words = [list(w) for t in texts for w in t.replace(" ", " ▁").split(" ") if w]
+    chars = sorted({c for w in words for c in w})
+    pieces: list[str] = []
+    for _ in range(merges):
+        pairs = Counter((a, b) for w in words for a, b in pairwise(w))
+        if not pairs:
+            break
+        (a, b), _count = pairs.most_common(1)[0]
+        pieces.append(a + b)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if w[i] == a and w[i + 1] == b:
+                    w[i:i + 2] = [a + b]
+                i += 1
+    tokens = specials + byte_tokens + chars + pieces
+    scores = [-1000.0] * 4 + [0.0] * 256 + [-1e6] * len(chars) \
+        + [-float(r) for r in range(len(pieces))]
+    types = [3] * 4 + [6] * 256 + [1] * (len(chars) + len(pieces))
+    return tokens, scores, types
+
+
+def write_vocab_gguf(path: Path, texts: list[str], arch: str = "gemma3") -> Path:
+    """Write a vocabulary-only GGUF (``tokenizer.ggml.model`` ``llama``) learnt on ``texts``."""
+    from gguf import GGUFWriter
+
+    tokens, scores, types = spm_vocab(texts)
+    writer = GGUFWriter(str(path), arch)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 from serve.llm_metrics import LLMMetrics, llm_metrics
+from serve.logprobs import TokenLogprob
 from serve.prefix_cache import PrefixCache
 from serve.runtimes import GenerationParams
 from serve.sampling import Sampler
@@ -241,7 +242,7 @@ class Engine:
     def _emit(self, seq: Sequence, token: int, step: Events) -> None:
         """Record one sampled token: deliver it, or end the sequence (EOS, length)."""
         if token in self.eos_ids:
-            self._finish(seq, step, reason="stop")
+            self._finish(seq, step, reason="stop", last=seq.sampler.last)
             return
         now = time.monotonic()
         if seq.generated == 0:
@@ -252,13 +253,13 @@ class Engine:
         seq.output.append(token)
         seq.last_token, seq.last_time = token, now
         self.metrics.generation_tokens.inc()
-        step.append((seq, Event(token=token)))
+        step.append((seq, Event(token=token, logprob=seq.sampler.last)))
         if (seq.generated >= seq.params.max_new_tokens
                 or len(seq.prompt_ids) + seq.generated >= self.context):
             self._finish(seq, step, reason="length")
 
     def _finish(self, seq: Sequence, step: Events, reason: str | None = None,
-                error: EngineRefused | None = None) -> None:
+                error: EngineRefused | None = None, last: TokenLogprob | None = None) -> None:
         if self.scheduler.remove(seq):
             self._free_slot(seq)
             self.metrics.running.set(len(self.scheduler.running))
@@ -266,7 +267,7 @@ class Engine:
         if reason is not None:
             self.metrics.request_success.labels(finished_reason=reason).inc()
             self.metrics.e2e_request_latency.observe(time.monotonic() - seq.arrived)
-        step.append((seq, Event(finish_reason=reason, error=error)))
+        step.append((seq, Event(finish_reason=reason, error=error, logprob=last)))
 
     @staticmethod
     def _deliver(step: Events) -> None:

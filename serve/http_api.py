@@ -156,17 +156,21 @@ class Backend:
         text = await completion.text()
         return {"text": text, "prompt_tokens": completion.prompt_tokens,
                 "completion_tokens": completion.completion_tokens,
-                "finish_reason": completion.finish_reason}
+                "finish_reason": completion.finish_reason, "logprobs": completion.logprobs}
 
     async def stream_response(self, item: GenerateItem,
-                              chunk: Callable[[str | None, Any], str | None]
+                              chunk: Callable[[str | None, Any], str | None],
+                              opened: Callable[[Completion], None] | None = None
                               ) -> EventStreamResponse:
         """A streamed completion: ``chunk(delta, None)`` per text delta, then
-        ``chunk(None, completion)`` once it ended (for the final chunk), then ``[DONE]``.
+        ``chunk(None, completion)`` once it ended (for the final chunk), then ``[DONE]``;
+        ``opened(completion)`` first, once admitted (a route that reads more than text).
 
         Admission is awaited first, so an overloaded server answers 503 before any header.
         """
         completion = await self.open_completion(item)
+        if opened is not None:
+            opened(completion)
 
         async def events() -> AsyncIterator[str]:
             async with aclosing(completion.deltas()) as deltas:
@@ -190,7 +194,9 @@ def to_params(item: GenerateItem) -> GenerationParams:
     """Decoding settings of a queued item."""
     temperature = 0.0 if item.temperature < MIN_TEMPERATURE else item.temperature
     return GenerationParams(max_new_tokens=item.max_new_tokens, temperature=temperature,
-                            top_p=item.top_p, stop=list(item.stop), seed=item.seed)
+                            top_p=item.top_p, stop=list(item.stop), seed=item.seed,
+                            logprobs=item.logprobs,
+                            grammar=item.grammar)
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:
@@ -200,10 +206,10 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     return await read_raw_body(request.scope, request.receive, limits)
 
 
-async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
-    """Return once the client has disconnected (the body has been read already)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> bool:
+    """Wait for the next ASGI message once the body has been read: True if it says the
+    client disconnected. (Anything else ends the watch rather than spinning on it.)"""
+    return (await receive())["type"] == "http.disconnect"
 
 
 async def until_disconnect(handler: Handler, request: Request) -> Response | None:
@@ -220,6 +226,8 @@ async def until_disconnect(handler: Handler, request: Request) -> Response | Non
     watch = asyncio.ensure_future(_disconnected(request.receive))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and not watch.result():
+            await task
     except asyncio.CancelledError:  # the server itself cancelled the request
         task.cancel()
         raise

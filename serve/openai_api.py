@@ -8,177 +8,73 @@ model's chat template (:mod:`serve.chat`: ``developer``/``tool`` roles, text con
 parts, special-token strings kept as text); a conversation over ``max_input_tokens`` or
 the model's context is a 400 naming ``messages`` (never cut). As vLLM's server: unknown
 fields are ignored with a logged warning, ``null`` means the default, errors are OpenAI's
-error object. Fields this server cannot honour (``n > 1``, ``logprobs``, penalties,
-``logit_bias``, tools, a ``response_format`` other than text) get a 400 naming the field
-rather than being ignored silently.
+error object. Fields this server cannot honour (``n > 1``, penalties, ``logit_bias``,
+tools) get a 400 naming the field rather than being ignored silently.
+
+Log-probabilities (:mod:`serve.logprobs`): ``logprobs``/``top_logprobs`` on chat,
+``logprobs`` (alternatives per token) and ``echo`` on completions, streamed or not.
+``echo`` with ``max_tokens: 0`` scores the prompt only, as lm-eval-harness's
+``local-completions`` model asks; a completion prompt may be token ids (OpenAI's
+``list[int]`` / ``list[list[int]]``), as that model sends it.
+
+``response_format`` ``json_object``/``json_schema`` (and vLLM's ``guided_json``) constrain
+the answer with a grammar (:mod:`serve.grammar`); a schema the compiler cannot honour is a
+400 naming the field. A ``max_tokens`` cut ends with ``finish_reason: "length"`` and may
+leave the JSON incomplete, as OpenAI's does.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.chat import ChatMessage, chat_prompt_ids, plain_messages
+from serve.chat import chat_prompt_ids, plain_messages
+from serve.completion_prompts import completion_prompts
+from serve.grammar import Grammar, compiler_for
 from serve.http_api import Backend, endpoint
-from serve.log_text import names_for_log
+from serve.logprobs import (
+    TextOffsets,
+    TokenLogprob,
+    chat_logprobs,
+    completion_logprobs,
+    prompt_logprobs,
+    token_namer,
+)
+from serve.openai_requests import ChatRequest, CompletionRequest, OpenAIParams
 from serve.schemas import (
-    INT64_MAX,
     GenerateItem,
     RequestError,
     check_max_new_tokens,
-    check_texts,
 )
-from serve.sse import sse
-from serve.token_limits import check_room, check_room_count, context_length, fit_prompts
-
-log = logging.getLogger(__name__)
-
-INT64_MIN = -(2**63)
+from serve.sse import sse, streaming_response
+from serve.token_limits import check_room_count, context_length
 
 
-class _Lenient(BaseModel):
-    """Unknown fields are kept aside (``model_extra``), logged and ignored, as vLLM does."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class StreamOptions(_Lenient):
-    """``stream_options``."""
-
-    include_usage: bool | None = None
+async def _grammar(backend: Backend, req: OpenAIParams) -> Grammar | None:
+    """The request's structured-output grammar (400 naming the field if unsupported)."""
+    spec = req.json_schema()
+    if spec is None:
+        return None
+    runtime = backend.runtime
+    compiler = await backend.run_locked(compiler_for, runtime.tokenizer, runtime.eos_ids)
+    return await backend.run_locked(compiler.json_schema, *spec)
 
 
-# What the published schema (``/openapi.json``) allows beyond the validation bounds: the
-# values of OpenAI fields this server can honour. Other values pass validation and get a
-# 400 that names the field and says it is not supported.
-def _only(**schema: Any) -> Any:
-    return {"json_schema_extra": schema}
-
-
-class ResponseFormat(_Lenient):
-    """``response_format``: only ``{"type": "text"}`` is honoured."""
-
-    type: str = Field(..., **_only(enum=["text"]))
-
-
-class _OpenAIParams(_Lenient):
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1, le=INT64_MAX, **_only(maximum=1))
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, **_only(maxItems=8))
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    user: str | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0,
-                                           **_only(minimum=0, maximum=0))
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0,
-                                            **_only(minimum=0, maximum=0))
-    logit_bias: dict[str, float] | None = Field(None, **_only(maxProperties=0))
-    response_format: ResponseFormat | None = None
-
-    def check(self, path: str) -> None:
-        """Refuse what this server cannot honour (400 naming the field); log ignored
-        unknown fields."""
-        if self.model_extra:
-            log.warning("%s: ignored unknown fields: %s", path,
-                        names_for_log(self.model_extra, len(self.model_extra)))
-        if self.n not in (None, 1):
-            raise RequestError("n: only n=1 is supported", code="unsupported_value")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise RequestError(f"{name}: not supported (use 0 or null)",
-                                   code="unsupported_parameter")
-        if self.logit_bias:
-            raise RequestError("logit_bias: not supported (use {} or null)",
-                               code="unsupported_parameter")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise RequestError(f"response_format.type: only 'text' is supported, got "
-                               f"'{self.response_format.type}'", code="unsupported_value")
-
-    def stops(self) -> list[str]:
-        """``stop`` as a list."""
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop
-        if len(stops) > 8:
-            raise RequestError("stop: at most 8 stop sequences")
-        return stops
-
-    def include_usage(self) -> bool:
-        """Whether a streamed answer ends with a usage chunk."""
-        return bool(self.stream_options and self.stream_options.include_usage)
-
-
-class CompletionRequest(_OpenAIParams):
-    """``POST /v1/completions``."""
-
-    prompt: str | list[str]
-    echo: bool | None = Field(None, **_only(enum=[False, None]))
-    suffix: str | None = Field(None, **_only(enum=["", None]))
-    logprobs: int | None = Field(None, ge=0, le=INT64_MAX, **_only(maximum=0))
-    best_of: int | None = Field(None, ge=1, le=INT64_MAX, **_only(maximum=1))
-
-    def check(self, path: str) -> None:
-        """See :meth:`_OpenAIParams.check`; also ``echo``, ``suffix``, ``logprobs``."""
-        super().check(path)
-        if self.logprobs:
-            raise RequestError("logprobs: not supported", code="unsupported_parameter")
-        if self.echo or self.suffix:
-            raise RequestError(f"{'echo' if self.echo else 'suffix'}: not supported",
-                               code="unsupported_parameter")
-        if self.best_of not in (None, 1):
-            raise RequestError("best_of: only best_of=1 is supported",
-                               code="unsupported_value")
-
-
-class ChatRequest(_OpenAIParams):
-    """``POST /v1/chat/completions``."""
-
-    messages: list[ChatMessage] = Field(..., **_only(minItems=1))
-    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
-    logprobs: bool | None = Field(None, **_only(enum=[False, None]))
-    top_logprobs: int | None = Field(None, ge=0, le=20, **_only(maximum=0))
-    tools: list[dict[str, Any]] | None = Field(None, **_only(maxItems=0))
-    tool_choice: str | dict[str, Any] | None = Field(None,
-                                                     **_only(enum=["none", "auto", None]))
-    functions: list[dict[str, Any]] | None = Field(None, **_only(maxItems=0))
-    function_call: str | dict[str, Any] | None = Field(
-        None, **_only(enum=["none", "auto", None]))
-
-    def check(self, path: str) -> None:
-        """See :meth:`_OpenAIParams.check`; also logprobs and tools."""
-        super().check(path)
-        if self.logprobs or self.top_logprobs:
-            raise RequestError(f"{'logprobs' if self.logprobs else 'top_logprobs'}: not "
-                               "supported", code="unsupported_parameter")
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise RequestError(f"{name}: tool calling is not supported",
-                                   code="unsupported_parameter")
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none", "auto"):
-                raise RequestError(f"{name}: tool calling is not supported",
-                                   code="unsupported_parameter")
-
-
-def _item(backend: Backend, prompt: str, req: _OpenAIParams, max_tokens: int,
-          field: str = "max_tokens", prompt_ids: list[int] | None = None) -> GenerateItem:
+def _item(backend: Backend, prompt: str, req: OpenAIParams, max_tokens: int,
+          field: str = "max_tokens", prompt_ids: list[int] | None = None,
+          grammar: Grammar | None = None) -> GenerateItem:
     check_max_new_tokens(field, max_tokens, backend.limits)
     seed = None if req.seed is None else req.seed % 2**63  # the sampler wants >= 0
     return GenerateItem(prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_tokens,
                         temperature=1.0 if req.temperature is None else req.temperature,
                         top_p=1.0 if req.top_p is None else req.top_p,
-                        stop=req.stops(), seed=seed)
+                        stop=req.stops(), seed=seed, grammar=grammar)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -203,6 +99,33 @@ def _final_chunks(make_chunk: Callable, include_usage: bool) -> Callable:
     return chunk
 
 
+async def _scored_prompt(backend: Backend, ids: list[int], top: int) -> list[Any]:
+    """Prompt-token entries of ``echo`` (first ``None``), from one forward over ``ids`` in
+    a worker thread (outside the engine; the runtime serialises its own calls)."""
+    logits = await anyio.to_thread.run_sync(backend.runtime.prompt_logits, ids)
+    return prompt_logprobs(logits, ids, top)
+
+
+def _no_eos(backend: Backend, entries: list[TokenLogprob]) -> list[TokenLogprob]:
+    """Chat shows the answer's tokens only: an ending EOS's entry is left out."""
+    eos = getattr(backend.service.engine, "eos_ids", set())
+    return [e for e in entries if e.token not in eos]
+
+
+def _choice(index: int, text: str, logprobs: Any, reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _one_chunk_stream(chunk: dict, usage: dict | None) -> Response:
+    """A stream of one chunk (``echo`` with ``max_tokens: 0``), its usage, ``[DONE]``."""
+    async def events() -> Any:
+        yield sse(chunk)
+        if usage is not None:
+            yield sse(usage)
+        yield sse("[DONE]")
+    return streaming_response(events())
+
+
 def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
     """Routes under ``/v1``."""
     from starlette.routing import Route
@@ -218,34 +141,69 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
         req = await backend.parse(request, CompletionRequest, "/v1/completions",
                                   "text-generation", "/classify")
         req.check("/v1/completions")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        check_texts("prompt", prompts, backend.limits)
-        fitted = await fit_prompts(backend, "prompt", prompts, keep="tail")
-        max_tokens = req.max_tokens or min(16, backend.limits.max_new_tokens)  # OpenAI: 16
-        items = [_item(backend, p.text, req, max_tokens) for p in fitted]
-        await check_room(backend, "max_tokens", "prompt", fitted, max_tokens,
-                         listed=not isinstance(req.prompt, str))
+        max_tokens = req.max_tokens  # OpenAI's default: 16
+        if max_tokens is None:
+            max_tokens = min(16, backend.limits.max_new_tokens)
+        fitted = await completion_prompts(backend, req, max_tokens)
+        grammar = await _grammar(backend, req)
+        items = [_item(backend, p.text, req, max_tokens, grammar=grammar) for p in fitted]
         for item, prompt in zip(items, fitted, strict=True):  # ids counted by either check
-            item.prompt_ids = prompt.ids
+            item.prompt_ids, item.logprobs = prompt.ids, req.logprobs
+        top, echo = req.logprobs, bool(req.echo)
+        name_of = token_namer(backend.service.detokenizer)
+        heads = [p.text if echo else "" for p in fitted]
+        scored = [await _scored_prompt(backend, p.ids, top) if echo and top is not None
+                  else [] for p in fitted]
+        head_ids = [p.ids if echo and top is not None else [] for p in fitted]
+
+        detok = backend.service.detokenizer
+        after_head = [TextOffsets(detok, len(head)) for head in heads]
+
+        def choice_logprobs(i: int, entries: list[TokenLogprob]) -> Any:
+            if top is None:
+                return None
+            ids = [e.token for e in entries]
+            offsets = TextOffsets(detok)(head_ids[i]) + after_head[i](ids)
+            return completion_logprobs(scored[i] + entries, name_of, head_ids[i] + ids,
+                                       offsets)
+
         ident, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name(backend)
+
+        def body(choices: list[dict], usage: dict | None) -> dict:
+            return {"id": ident, "object": "text_completion", "created": created,
+                    "model": name, "choices": choices, "usage": usage}
+
         if req.stream:
             if len(items) != 1:
                 raise RequestError("prompt: streaming needs exactly one prompt")
+            if max_tokens == 0:
+                return _one_chunk_stream(body([_choice(0, heads[0], choice_logprobs(0, []),
+                                                       "length")], None),
+                                         body([], _usage(len(fitted[0].ids or []), 0))
+                                         if req.include_usage() else None)
+            opened: list[Any] = []
 
             def chunk(delta: str | None, reason: str | None, usage: dict | None = None) -> dict:
-                choices = [] if usage else [{"index": 0, "text": delta or "", "logprobs": None,
-                                             "finish_reason": reason}]
-                return {"id": ident, "object": "text_completion", "created": created,
-                        "model": name, "choices": choices, "usage": usage}
+                if usage:
+                    return body([], usage)
+                text, entries = delta or "", opened[0].take_logprobs() if opened else []
+                lp = choice_logprobs(0, entries)
+                if heads[0] or scored[0]:  # echo goes out with the first chunk
+                    text, heads[0], scored[0], head_ids[0] = heads[0] + text, "", [], []
+                return body([_choice(0, text, lp, reason)], None)
             return await backend.stream_response(items[0],
-                                                 _final_chunks(chunk, req.include_usage()))
-        rows = await backend.generate(items)
-        choices = [{"index": i, "text": r["text"], "logprobs": None,
-                    "finish_reason": r["finish_reason"]} for i, r in enumerate(rows)]
+                                                 _final_chunks(chunk, req.include_usage()),
+                                                 opened=opened.append)
+        if max_tokens == 0:
+            rows = [{"text": "", "prompt_tokens": len(p.ids or []), "completion_tokens": 0,
+                     "finish_reason": "length", "logprobs": []} for p in fitted]
+        else:
+            rows = await backend.generate(items)
+        choices = [_choice(i, heads[i] + r["text"], choice_logprobs(i, r["logprobs"]),
+                           r["finish_reason"]) for i, r in enumerate(rows)]
         usage = _usage(sum(r["prompt_tokens"] for r in rows),
                        sum(r["completion_tokens"] for r in rows))
-        return JSONResponse({"id": ident, "object": "text_completion", "created": created,
-                             "model": name, "choices": choices, "usage": usage})
+        return JSONResponse(body(choices, usage))
 
     @guard
     async def chat_completions(request: Request) -> Response:
@@ -270,12 +228,21 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
                                    code="context_length_exceeded")
             asked = min(limits.max_new_tokens, context - n) if context else (
                 limits.max_new_tokens)
-        item = _item(backend, "", req, asked, field, prompt_ids=ids)
+        item = _item(backend, "", req, asked, field, prompt_ids=ids,
+                     grammar=await _grammar(backend, req))
+        if req.logprobs:
+            item.logprobs = req.top_logprobs or 0
+        name_of = token_namer(backend.service.detokenizer)
+
+        def logprobs_of(entries: list[TokenLogprob]) -> Any:
+            entries = _no_eos(backend, entries)
+            return chat_logprobs(entries, name_of) if req.logprobs and entries else None
         check_room_count(context, field, "messages", n, asked)
         ident, created, name = (f"chatcmpl-{uuid.uuid4().hex}", int(time.time()),
                                 model_name(backend))
         if req.stream:
             first = [True]
+            opened: list[Any] = []
 
             def chunk(delta: str | None, reason: str | None, usage: dict | None = None) -> dict:
                 body: dict[str, Any] = {}
@@ -283,17 +250,21 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
                     body = {"role": "assistant", "content": delta} if first[0] else {
                         "content": delta}
                     first[0] = False
-                choices = [] if usage else [{"index": 0, "delta": body, "logprobs": None,
+                lp = logprobs_of(opened[0].take_logprobs()) if opened and not usage else None
+                choices = [] if usage else [{"index": 0, "delta": body, "logprobs": lp,
                                              "finish_reason": reason}]
                 return {"id": ident, "object": "chat.completion.chunk", "created": created,
                         "model": name, "choices": choices, "usage": usage}
             return await backend.stream_response(item, _final_chunks(chunk,
-                                                                     req.include_usage()))
+                                                                     req.include_usage()),
+                                                 opened=opened.append)
         [row] = await backend.generate([item])
         return JSONResponse({
             "id": ident, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": row["text"]},
-                         "logprobs": None, "finish_reason": row["finish_reason"]}],
+                         "logprobs": chat_logprobs(_no_eos(backend, row["logprobs"]), name_of)
+                         if req.logprobs else None,
+                         "finish_reason": row["finish_reason"]}],
             "usage": _usage(row["prompt_tokens"], row["completion_tokens"])})
 
     async def models(request: Request) -> Response:

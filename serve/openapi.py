@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from serve.openai_api import ChatRequest, CompletionRequest
+from serve.openai_requests import ChatRequest, CompletionRequest
 from serve.schemas import (
     ClassifyRequest,
     ClassifyResponse,

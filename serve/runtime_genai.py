@@ -246,6 +246,19 @@ class GenaiRuntime:
             out.append((np.asarray(ids, dtype=np.int64), logprobs.astype(np.float32)))
         return out
 
+    def prompt_logits(self, ids: list[int]) -> np.ndarray:
+        """float32 logits ``[len(ids), vocab]`` of one forward over ``ids`` (row ``t``
+        predicts token ``t + 1``): what ``echo`` scores the prompt with."""
+        self._need_generation()
+        with self._lock:
+            gp = self._og.GeneratorParams(self.model)
+            gp.set_search_options(max_length=min(self.context_length, len(ids) + 1),
+                                  batch_size=1)
+            generator = self._og.Generator(self.model, gp)
+            generator.append_tokens(np.asarray([list(ids)], dtype=np.int32))
+            logits = np.asarray(generator.get_output("logits"), dtype=np.float32)[0]
+        return logits[: len(ids)]
+
     def count_tokens(self, text: str) -> int:
         """Tokens the model sees for ``text``, special tokens (BOS) included."""
         return len(self.tokenizer(text)["input_ids"])

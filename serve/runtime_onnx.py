@@ -161,6 +161,11 @@ class OnnxRuntime:
         self._need("text-generation")
         return self._lm.next_token_logprobs(texts, max_length)
 
+    def prompt_logits(self, ids: list[int]) -> np.ndarray:
+        """float32 logits ``[len(ids), vocab]`` over ``ids``, see ``TorchRuntime``."""
+        self._need("text-generation")
+        return self._lm.prompt_logits(ids)
+
     def count_tokens(self, text: str) -> int:
         """Tokens the model sees for ``text``, special tokens included."""
         return len(self.tokenizer(text)["input_ids"])

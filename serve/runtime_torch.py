@@ -306,6 +306,16 @@ class TorchRuntime:
             out.append((ids[i, :n].cpu().numpy().astype(np.int64), logprobs[i, :max(n - 1, 0)]))
         return out
 
+    def prompt_logits(self, ids: list[int]) -> np.ndarray:
+        """float32 logits ``[len(ids), vocab]`` of one forward over ``ids`` (row ``t``
+        predicts token ``t + 1``): what ``echo`` scores the prompt with."""
+        self._need("text-generation")
+        torch = self._torch
+        row = torch.tensor([list(ids)], dtype=torch.long, device=self.model.device)
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=row, attention_mask=torch.ones_like(row)).logits
+        return logits[0].float().cpu().numpy()
+
     def count_tokens(self, text: str) -> int:
         """Tokens the model sees for ``text``, special tokens (BOS, CLS/SEP) included."""
         return len(self.tokenizer(text, verbose=False)["input_ids"])

@@ -74,6 +74,10 @@ class GenerationParams:
         top_p: Nucleus sampling threshold (used when temperature > 0).
         stop: Stop sequences; the text is cut before the first one found.
         seed: Random seed for sampling (reproducible outputs).
+        logprobs: Alternatives to report with each generated token's log-probability
+            (``None``: no log-probabilities; the engine only).
+        grammar: A :class:`serve.grammar.Grammar` the output must follow (structured
+            outputs; the engine's sampler applies it), or None.
     """
 
     max_new_tokens: int = 32
@@ -81,6 +85,8 @@ class GenerationParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None
+    grammar: Any = None
 
 
 @dataclass

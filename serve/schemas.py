@@ -218,6 +218,8 @@ class GenerateItem(BaseModel):
     top_p: float = 1.0
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None  # alternatives per generated token; None: no logprobs
+    grammar: Any = None  # a serve.grammar.Grammar: structured outputs (engine only)
 
     def params_key(self) -> tuple:
         """Items with equal keys can run in one ``Runtime.generate`` call."""

@@ -10,6 +10,7 @@ import asyncio
 import warnings
 from dataclasses import dataclass, field
 
+from serve.logprobs import TokenLogprob
 from serve.runtimes import GenerationParams
 from serve.sampling import Sampler
 
@@ -102,11 +103,16 @@ class Sequence:
 
 @dataclass
 class Event:
-    """What a request's queue receives: a token, or its end (``finish_reason``/error)."""
+    """What a request's queue receives: a token, or its end (``finish_reason``/error).
+
+    ``logprob``: the token's log-probability when the request asked for them; on an end
+    by EOS, the EOS token's (not emitted as text, but scored, as vLLM reports it).
+    """
 
     token: int | None = None
     finish_reason: str | None = None
     error: EngineRefused | None = None
+    logprob: TokenLogprob | None = None
 
 
 # What one engine iteration hands to the event loops, in order.

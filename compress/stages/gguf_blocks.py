@@ -1,11 +1,11 @@
-"""Exact import of a GGUF's Q4_0 / Q4_1 blocks into MatMulNBits (no second rounding).
+"""Exact import of a GGUF's quantized blocks into MatMulNBits (no second rounding).
 
 When the reference was loaded from a GGUF, its weights *are* the GGUF's dequantized
 blocks; rounding them to int4 again (RTN, GPTQ...) loses accuracy for nothing. Here each
 fp32 MatMul weight of the ONNX graph is matched, output channel by output channel, to the
 GGUF's dequantized rows (by exact bytes, so permuted (q/k) and fused (qkv) weights match
 too, and weights an adapter changed do not), and a fully matched MatMul becomes a
-MatMulNBits holding the GGUF's own nibbles and scales (block 32):
+MatMulNBits holding the GGUF's own integers and scales (``gguf_rows`` unpacks them):
 
 * Q4_0 (``w = d * (q - 8)``): scales ``d``, default zero point 8 — bit-exact.
 * Q4_1 (``w = d * q + m``): MatMulNBits cannot hold a float offset on its fast path
@@ -17,9 +17,14 @@ MatMulNBits holding the GGUF's own nibbles and scales (block 32):
   ``K/32`` extra output channels of the MatMulNBits itself (the int8 activations it sees,
   as llama.cpp's Q8_1 sums are; a Split separates them), else from one fp32 ``x @ E`` per
   distinct input; MatMuls reading one input (gate and up) share one node and correction.
+* Q4_K: per 32-value sub-block ``d·sc * q - dmin·m``, i.e. Q4_1 with scale ``d·sc`` and
+  offset ``-dmin·m`` (both exact in fp32): imported as Q4_1 is.
 * Q8_0 (``w = d * q``, int8 q): an 8-bit MatMulNBits (``q + 128``, default zero point
   128) — bit-exact; an embedding Gather whose rows are Q8_0 becomes an 8-bit
   GatherBlockQuantized, sharing the LM head's bytes (via Reshape) when the two are tied.
+* Q5_0 (``d * (q5 - 16)``) and Q6_K (``d·sc * (q6 - 32)`` per 16 values): MatMulNBits has
+  no 5- or 6-bit storage, so they are 8-bit nodes like Q8_0 (``q5 + 112``; ``q6 + 96``,
+  block 16) — bit-exact, at 8 bits' size and speed.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.stages.gguf_nodes import MIN_SUFFIX, gather_q8, replace_q4, replace_q8
-from compress.stages.gguf_rows import BLOCK, IMPORTED_TYPES, RowBank
+from compress.stages.gguf_rows import BLOCK, IMPORTED_TYPES, Q5_TYPES, Q8_TYPES, RowBank
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ log = logging.getLogger(__name__)
 def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4,
                        types: tuple[str, ...] = IMPORTED_TYPES,
                        fuse: bool = True, node_sums: bool = True) -> dict[str, Any]:
-    """Replace every MatMul whose fp32 weight the GGUF's Q4 blocks reproduce exactly.
+    """Replace every MatMul whose fp32 weight the GGUF's blocks reproduce exactly.
 
     Args:
         model: An fp32 ONNX ModelProto (weights loaded), changed in place.
@@ -76,18 +81,19 @@ def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4,
             continue
         hits = bank.match(weight.T)
         blocks = bank.blocks(hits) if hits is not None else None
-        if blocks is None or ("Q8_0" in blocks[3] and len(blocks[3]) > 1):
-            skipped.append(node.name)  # no exact rows, or Q8_0 rows mixed with Q4 rows
+        if blocks is None:
+            skipped.append(node.name)  # no exact rows, or 8-bit rows mixed with 4-bit rows
             continue
         q, d, m, found = blocks
-        if found == {"Q8_0"}:
+        if found <= set(Q8_TYPES):
             new_nodes[-1:] = replace_q8(graph, node, q, d, accuracy_level)
             packed = q.reshape(q.shape[0], -1).astype("uint8")
             shared[hashlib.blake2b(packed.tobytes() + d.tobytes(), digest_size=16)
                    .digest()] = (node.input[1] + "_gguf_Q8", node.input[1] + "_gguf_scales")
         else:  # placed at its first member's spot below, once the group is complete
-            key = f"{node.input[0]}:{weight.shape[0]}" if fuse else node.name
-            groups.setdefault(key, []).append((node, q, d, m))
+            bits = 8 if found <= set(Q5_TYPES) else 4
+            key = f"{node.input[0]}:{weight.shape[0]}:{bits}" if fuse else node.name
+            groups.setdefault(key, []).append((node, q, d, m, bits))
         imported.append(node.name)
         types_seen |= found
         used.add(node.input[1])
@@ -96,8 +102,8 @@ def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4,
     for group in groups.values():
         members = {id(g[0]) for g in group}
         at = next(i for i, n in enumerate(new_nodes) if id(n) == id(group[0][0]))
-        new_nodes[at:at + 1] = replace_q4(graph, group, accuracy_level, blocksums,
-                                            node_sums)
+        new_nodes[at:at + 1] = replace_q4(graph, [g[:4] for g in group], accuracy_level,
+                                            blocksums, node_sums, bits=group[0][4])
         new_nodes = [n for n in new_nodes if id(n) not in members]
         if len(group) > 1:
             fused[group[0][0].name + "_gguf_fused"] = [g[0].name for g in group]
@@ -105,12 +111,12 @@ def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4,
         table = numpy_helper.to_array(inits[node.input[0]])
         hits = bank.match(table) if table.ndim == 2 and table.shape[1] % BLOCK == 0 else None
         blocks = bank.blocks(hits) if hits is not None else None
-        if blocks is None or blocks[3] != {"Q8_0"}:
+        if blocks is None or not blocks[3] <= set(Q8_TYPES):
             continue
         at = next(i for i, n in enumerate(new_nodes) if n is node)
         new_nodes[at:at + 1] = gather_q8(graph, node, blocks[0], blocks[1], shared)
         imported.append(node.name)
-        types_seen.add("Q8_0")
+        types_seen |= blocks[3]
         used.add(node.input[0])
     graph.ClearField("node")
     graph.node.extend(new_nodes)
@@ -125,10 +131,12 @@ def import_gguf_blocks(model, gguf_path: Path, accuracy_level: int = 4,
     return {"file": str(gguf_path), "exact": True, "block_size": BLOCK,
             "types": sorted(types_seen), "imported": imported,
             "not_matched": skipped, "fused": fused, "node_sums": node_sums,
-            "note": "Q4_0: scales, zero point 8; Q4_1: zero point 8 plus the offsets "
-                    "m + 8d as a block-sum correction MatMul (zero point 0 and m where "
-                    "m + 8d is not exact in fp32); Q4 MatMuls sharing an input fused into "
-                    "one MatMulNBits and split; Q8_0: 8-bit, zero point 128"}
+            "note": "Q4_0: scales, zero point 8; Q4_1 and Q4_K (scale d*sc, offset "
+                    "-dmin*m per 32 values): zero point 8 plus the offsets m + 8d as a "
+                    "block-sum correction MatMul (zero point 0 and m where m + 8d is not "
+                    "exact in fp32); Q4 MatMuls sharing an input fused into one "
+                    "MatMulNBits and split; Q8_0, Q5_0 (q+112) and Q6_K (q+96, block 16): "
+                    "8-bit, zero point 128 (MatMulNBits has no 5/6-bit storage)"}
 
 
 def effective_weight(model, node_name: str, fused: dict[str, list[str]] | None = None):
@@ -177,7 +185,7 @@ def effective_weight(model, node_name: str, fused: dict[str, list[str]] | None =
         zp = np.float32(2 ** (bits - 1))
     weight = (scale * (q - zp)).reshape(n, kb * bs)[:, :k]
     consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
-    minima_name = node.input[1].removesuffix("_Q4") + MIN_SUFFIX
+    minima_name = node.input[1].removesuffix("_Q4").removesuffix("_Q8") + MIN_SUFFIX
     const = consts.get(minima_name + "_fp16", consts.get(minima_name))
     if const is not None:
         minima = numpy_helper.to_array(const.attribute[0].t)  # [kb, N]

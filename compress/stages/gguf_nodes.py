@@ -19,26 +19,31 @@ def _constant(array, name: str):
 
 
 def replace_q8(graph, node, q, d, level: int) -> list:
-    """An 8-bit MatMulNBits (default zero point 128) for a MatMul whose rows are Q8_0."""
+    """An 8-bit MatMulNBits (default zero point 128) for a MatMul of 8-bit rows.
+
+    ``q`` [N, kb, size]: ``w = d * (q - 128)`` (Q8_0, Q5_0, Q6_K), block ``size``.
+    """
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    n, kb, _ = q.shape
+    n, kb, size = q.shape
     prefix = node.input[1] + "_gguf"
     inits = [numpy_helper.from_array(q.astype(np.uint8), prefix + "_Q8"),
              numpy_helper.from_array(d.reshape(-1).astype(np.float32), prefix + "_scales")]
     graph.initializer.extend(inits)
     return [onnx.helper.make_node(
         "MatMulNBits", [node.input[0], inits[0].name, inits[1].name], list(node.output),
-        name=node.name + "_gguf", domain="com.microsoft", K=kb * BLOCK, N=n, bits=8,
-        block_size=BLOCK, accuracy_level=level)]
+        name=node.name + "_gguf", domain="com.microsoft", K=kb * size, N=n, bits=8,
+        block_size=size, accuracy_level=level)]
 
 
 def replace_q4(graph, group: list, level: int, blocksums: dict[str, str],
-               node_sums: bool = False) -> list:
-    """One MatMulNBits (+ offset correction, + Split) for Q4 MatMuls reading one input.
+               node_sums: bool = False, bits: int = 4) -> list:
+    """One MatMulNBits (+ offset correction, + Split) for ``d * q + m`` MatMuls on one input.
 
+    ``bits`` 4: 4-bit ``q`` (Q4_0, Q4_1, Q4_K) centred on zero point 8; 8: 5-bit ``q``
+    (Q5_1, Q5_K) stored as ``q + 112`` at 8 bits, centred on 16 (zero point 128).
     ``group`` holds ``(node, q, d, m)`` for each MatMul; two or more become one node over
     their concatenated output channels, split back afterwards. ``node_sums``: the block
     sums the offsets multiply come from ``kb`` extra output channels of the node itself
@@ -52,32 +57,37 @@ def replace_q4(graph, group: list, level: int, blocksums: dict[str, str],
     first = group[0][0]
     q = np.concatenate([g[1] for g in group])
     d = np.concatenate([g[2] for g in group])
-    zp, minima = q4_offsets(np.concatenate([g[3] for g in group]), d)
+    center, shift = (8, 0) if bits == 4 else (16, 112)  # stored q + shift; 2**(bits-1)
+    zp, minima = q4_offsets(np.concatenate([g[3] for g in group]), d, center)
     n, kb, _ = q.shape
     k = kb * BLOCK
     sums = node_sums and minima is not None
-    if sums:  # row j: q = 9 (weight 1 at zero point 8) on block j, 8 (weight 0) elsewhere
-        ones = np.full((kb, kb, BLOCK), 8, np.uint8)
-        ones[np.arange(kb), np.arange(kb)] = 9
+    if sums:  # row j: q = center + 1 (weight 1) on block j, center (weight 0) elsewhere
+        ones = np.full((kb, kb, BLOCK), center, np.uint8)
+        ones[np.arange(kb), np.arange(kb)] = center + 1
         q, d = np.concatenate([q, ones]), np.concatenate([d, np.ones((kb, kb), d.dtype)])
-        zp = None if zp is None else np.concatenate([zp, np.full((kb, kb), 8, np.uint8)])
+        zp = None if zp is None else np.concatenate([zp, np.full((kb, kb), center,
+                                                                 np.uint8)])
     prefix = first.input[1] + "_gguf"
     name = first.name + ("_gguf" if len(group) == 1 else "_gguf_fused")
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    inits = [numpy_helper.from_array(packed, prefix + "_Q4"),
+    q = (q + shift).astype(np.uint8)
+    packed = q if bits == 8 else (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    inits = [numpy_helper.from_array(packed, prefix + f"_Q{bits}"),
              numpy_helper.from_array(d.reshape(-1).astype(np.float32), prefix + "_scales")]
-    if zp is not None:  # zero point 8 where that keeps the offset exact, else 0
-        if kb % 2:
+    if zp is not None:  # zero point ``center`` where that keeps the offset exact, else 0
+        zp = (zp + shift).astype(np.uint8)
+        if bits == 4 and kb % 2:
             zp = np.concatenate([zp, np.zeros((len(zp), 1), np.uint8)], axis=1)
-        inits.append(numpy_helper.from_array((zp[:, 0::2] | (zp[:, 1::2] << 4))
-                                             .astype(np.uint8), prefix + "_zero_points"))
+        if bits == 4:
+            zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+        inits.append(numpy_helper.from_array(zp, prefix + "_zero_points"))
     graph.initializer.extend(inits)
     outputs = [g[0].output[0] for g in group]
     final = outputs[0] if len(group) == 1 else name + "_out"
     out = final if minima is None else name + "_q"
     nodes = [onnx.helper.make_node("MatMulNBits", [first.input[0]] + [i.name for i in inits],
                                    [name + "_qs" if sums else out], name=name,
-                                   domain="com.microsoft", K=k, N=len(q), bits=4,
+                                   domain="com.microsoft", K=k, N=len(q), bits=bits,
                                    block_size=BLOCK, accuracy_level=level)]
     if sums:
         graph.initializer.append(numpy_helper.from_array(np.array([n, kb], np.int64),
@@ -98,22 +108,23 @@ def replace_q4(graph, group: list, level: int, blocksums: dict[str, str],
     return nodes
 
 
-def q4_offsets(m, d):
+def q4_offsets(m, d, center: int = 8):
     """(zero points [N, kb] uint8 or None, offsets [N, kb] f32 or None) for ``d * q + m``.
 
-    With zero point 8 the node computes ``d * (q - 8)`` and the correction adds
-    ``m + 8 d``; that offset is small (about ``d / 2`` for a block straddling zero), so the
-    error int8 activations cause is about what it is on the true weight, where ``d * q``
-    plus ``m`` (zero point 0) multiplies it by the whole positive ``d * q`` (measured on
-    SmolLM2: agreement 0.949 vs 0.890). Where ``m + 8 d`` is not exact in fp32 a block keeps
-    zero point 0 and ``m``; zero points are None when all are 8 (no input: the default).
+    With zero point 8 (``center``; 16 for 5-bit ``q``) the node computes ``d * (q - 8)``
+    and the correction adds ``m + 8 d``; that offset is small (about ``d / 2`` for a block
+    straddling zero), so the error int8 activations cause is about what it is on the true
+    weight, where ``d * q`` plus ``m`` (zero point 0) multiplies it by the whole positive
+    ``d * q`` (measured on SmolLM2: agreement 0.949 vs 0.890). Where ``m + 8 d`` is not
+    exact in fp32 a block keeps zero point 0 and ``m``; zero points are None when all are 8
+    (no input: the default).
     """
     import numpy as np
 
-    shifted = m.astype(np.float64) + 8 * d.astype(np.float64)
+    shifted = m.astype(np.float64) + center * d.astype(np.float64)
     exact = shifted.astype(np.float32).astype(np.float64) == shifted
     offsets = np.where(exact, shifted, m).astype(np.float32)
-    zp = None if exact.all() else np.where(exact, 8, 0).astype(np.uint8)
+    zp = None if exact.all() else np.where(exact, center, 0).astype(np.uint8)
     return zp, (None if not offsets.any() else offsets)
 
 
@@ -153,19 +164,19 @@ def _correction(x: str, k: int, kb: int, minima, prefix: str, name: str, out: st
 
 
 def gather_q8(graph, node, q, d, shared: dict[bytes, tuple[str, str]]) -> list:
-    """An 8-bit GatherBlockQuantized for an embedding Gather whose rows are all Q8_0."""
+    """An 8-bit GatherBlockQuantized for an embedding Gather whose rows are all 8-bit."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    v, kb, _ = q.shape
-    data = q.reshape(v, kb * BLOCK).astype(np.uint8)
+    v, kb, size = q.shape
+    data = q.reshape(v, kb * size).astype(np.uint8)
     key = hashlib.blake2b(data.tobytes() + d.tobytes(), digest_size=16).digest()
     prefix = node.input[0] + "_gguf"
     nodes = []
     if key in shared:  # tied with an imported LM head: reshape its bytes, store nothing new
         b_name, s_name = shared[key]
-        for src, shape, out in ((b_name, [v, kb * BLOCK], prefix + "_Q8"),
+        for src, shape, out in ((b_name, [v, kb * size], prefix + "_Q8"),
                                 (s_name, [v, kb], prefix + "_scales")):
             graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64),
                                                              out + "_shape"))
@@ -178,5 +189,5 @@ def gather_q8(graph, node, q, d, shared: dict[bytes, tuple[str, str]]) -> list:
     nodes.append(onnx.helper.make_node(
         "GatherBlockQuantized", [prefix + "_Q8", node.input[1], prefix + "_scales"],
         list(node.output), name=node.name + "_gguf", domain="com.microsoft", bits=8,
-        block_size=BLOCK, gather_axis=0, quantize_axis=1))
+        block_size=size, gather_axis=0, quantize_axis=1))
     return nodes

@@ -75,7 +75,7 @@ def _common(options, symmetric: bool, exclude: list[str]) -> dict[str, Any]:
 
 
 def _protected(model) -> list[str]:
-    """MatMuls no pass may touch: the GGUF import's exact Q4_1 offset corrections."""
+    """MatMuls no pass may touch: the GGUF import's exact offset corrections (Q4_1/K, Q5_1/K)."""
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and "_gguf" in n.name]
 
 

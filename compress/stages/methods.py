@@ -17,6 +17,9 @@ from compress.errors import InputError
 from compress.recipe import ExportVariant, Recipe, Strict
 from compress.stages.registry import BuildContext, register
 
+#: GGUF block types the exact import writes into MatMulNBits by default (``gguf_rows``).
+GGUF_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
+
 
 class VariantError(InputError):
     """A variant cannot be built as declared (task, method, data or device)."""
@@ -62,13 +65,15 @@ class Int4Options(Strict):
         int8_lm_head: Quantize the LM head to 8 bits instead of 4.
         embeddings: ``int4`` quantizes the embedding table (GatherBlockQuantized; ORT
             quantizes Gather to 4 bits only), ``fp32`` keeps it.
-        gguf_blocks: Write the GGUF's Q4_0/Q4_1 blocks into the MatMuls whose weights they
+        gguf_blocks: Write the GGUF's quantized blocks into the MatMuls whose weights they
             reproduce exactly instead of rounding again (rows are matched by their exact
             values, so a wrong or unrelated GGUF simply matches nothing).
         gguf_file: The GGUF to import blocks from (relative to the recipe); default: the
             base's ``gguf_file`` when the base was loaded from a GGUF.
-        gguf_types: GGUF block types to import (``Q4_0``, ``Q4_1``, ``Q8_0``); the other
-            tensors go to ``algorithm`` (e.g. leave ``Q8_0`` out for an int4 LM head).
+        gguf_types: GGUF block types to import (``Q4_0``, ``Q4_1``, ``Q4_K`` at 4 bits;
+            ``Q8_0``, ``Q5_0``, ``Q5_1``, ``Q5_K``, ``Q6_K`` at 8 bits: MatMulNBits has no
+            5/6-bit storage); the other tensors go to ``algorithm`` (e.g. leave ``Q8_0``
+            out for an int4 LM head).
         gguf_fuse: Imported Q4 MatMuls that read one input (q/k/v, gate/up) become one
             MatMulNBits with one offset correction, split afterwards (same weights).
         gguf_node_sums: Q4_1 offsets multiply block sums of the activations as the
@@ -89,8 +94,8 @@ class Int4Options(Strict):
     embeddings: Literal["fp32", "int4"] = "fp32"
     gguf_blocks: bool = True
     gguf_file: Path | None = None
-    gguf_types: list[Literal["Q4_0", "Q4_1", "Q8_0"]] = Field(
-        default_factory=lambda: ["Q4_0", "Q4_1", "Q8_0"])
+    gguf_types: list[Literal["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K",
+                             "Q6_K"]] = Field(default_factory=lambda: list(GGUF_TYPES))
     gguf_fuse: bool = True
     gguf_node_sums: bool = True
     percdamp: float = Field(default=0.01, gt=0)

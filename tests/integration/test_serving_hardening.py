@@ -176,15 +176,17 @@ BAD = [
     ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2**64}).encode(), 400,
      "max_tokens:", "max_tokens"),
     ("/v1/chat/completions", json.dumps({"messages": CHAT, "n": 2}).encode(), 400, "n:", "n"),
-    ("/v1/chat/completions", json.dumps({"messages": CHAT, "logprobs": True}).encode(), 400,
-     "logprobs: not supported", "logprobs"),
+    ("/v1/chat/completions", json.dumps({"messages": CHAT, "top_logprobs": 2}).encode(), 400,
+     "top_logprobs: needs logprobs: true", "top_logprobs"),
+    ("/v1/completions", json.dumps({"prompt": [[5]] * 65}).encode(), 413,
+     "prompt: 65 items, more than the limit of 64", "prompt"),
     ("/v1/chat/completions", json.dumps({"messages": CHAT, "tools": [
         {"type": "function", "function": {"name": "f"}}]}).encode(), 400,
      "tools: tool calling is not supported", "tools"),
     ("/v1/chat/completions", json.dumps({"messages": CHAT, "logit_bias": {"5": 3}}).encode(),
      400, "logit_bias: not supported", "logit_bias"),
     ("/v1/chat/completions", json.dumps({"messages": CHAT, "response_format": {
-        "type": "json_object"}}).encode(), 400, "response_format.type:", "response_format.type"),
+        "type": "yaml"}}).encode(), 400, "response_format.type:", "response_format.type"),
     ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}).encode(), 400,
      "messages[0].content[0].type: only text parts", "messages[0].content[0].type"),

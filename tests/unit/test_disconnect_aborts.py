@@ -133,3 +133,25 @@ def test_disconnect_aborts_waiting_and_running_requests_on_every_route(runtime):
         engine.close()
     # nobody was listening: no response was started with a 200
     assert all(a[0]["status"] == 499 for a in answers)
+
+
+def test_a_message_other_than_disconnect_ends_the_watch_not_the_request():
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from serve.http_api import until_disconnect
+
+    calls = []
+
+    async def receive() -> dict:  # an ASGI layer that answers at once, again and again
+        calls.append(1)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def handler(request) -> Response:
+        await asyncio.sleep(0.01)
+        return Response("done")
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    response = asyncio.run(until_disconnect(handler, request))
+    assert response is not None and response.body == b"done"
+    assert len(calls) == 1  # no busy loop on receive

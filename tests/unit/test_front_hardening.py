@@ -28,7 +28,7 @@ from serve.auth import ApiKeyMiddleware
 from serve.connections import ConnectionLimits, guarded_protocol, install
 from serve.launcher import server_env, server_home
 from serve.log_text import for_log, names_for_log
-from serve.openai_api import CompletionRequest
+from serve.openai_requests import CompletionRequest
 from serve.route_table import OTHER, RouteTable
 from serve.schemas import ServeSettings
 from tests.unit.test_direct_routes import _call, _Echo, _Inner, _scope

@@ -16,7 +16,7 @@ from serve.auth import ApiKeyMiddleware
 from serve.chat import ChatMessage, chat_prompt_ids, plain_messages
 from serve.http_api import without_paths
 from serve.http_errors import error_body
-from serve.openai_api import ChatRequest
+from serve.openai_requests import ChatRequest
 from serve.schemas import GenerateRequest, Limits, RequestError, parse_body
 
 
