@@ -142,21 +142,26 @@ def make_engine(runtime: Any, streams: int, eos: bool = True) -> Any:
                   EngineConfig(max_running=streams))
 
 
-def check_engine_interleaving(root: Path) -> dict:
-    """8 concurrent greedy streams on CUDA equal each request run alone (fp32)."""
-    runtime = _torch_runtime(root / "gen" / "merge", "cuda")
-    prompts = [list(runtime.tokenizer(p)["input_ids"]) for p in _texts("tiny-text.jsonl", 8)]
-
+def alone_and_together(runtime: Any, prompts: list[list[int]],
+                       n: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy tokens of each prompt run alone, then of all run concurrently, on one engine."""
     async def run() -> tuple[list, list]:
-        engine = make_engine(runtime, 8)
+        engine = make_engine(runtime, len(prompts))
         try:
-            alone = [await collect_tokens(engine, ids, 24) for ids in prompts]
-            together = await asyncio.gather(*(collect_tokens(engine, ids, 24) for ids in prompts))
+            alone = [await collect_tokens(engine, ids, n) for ids in prompts]
+            together = await asyncio.gather(*(collect_tokens(engine, ids, n) for ids in prompts))
             return alone, list(together)
         finally:
             engine.close()
 
-    alone, together = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def check_engine_interleaving(root: Path) -> dict:
+    """8 concurrent greedy streams on CUDA equal each request run alone (fp32)."""
+    runtime = _torch_runtime(root / "gen" / "merge", "cuda")
+    prompts = [list(runtime.tokenizer(p)["input_ids"]) for p in _texts("tiny-text.jsonl", 8)]
+    alone, together = alone_and_together(runtime, prompts, 24)
     return {"equal": sum(a == b for a, b in zip(alone, together, strict=True)), "of": len(prompts),
             "tokens": sum(map(len, together))}
 

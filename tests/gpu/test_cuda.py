@@ -57,23 +57,11 @@ def test_onnxruntime_lists_cuda_provider():
 def test_engine_on_cuda_interleaves_like_alone(merged):
     """8 concurrent greedy streams through the continuous-batching engine on CUDA give each
     request's tokens run alone."""
-    import asyncio
-
-    from bench.gpu_check import collect_tokens, make_engine
+    from bench.gpu_check import alone_and_together
     from serve.runtimes import load_runtime
 
     runtime = load_runtime(merged["text-generation"], device="cuda")
     prompts = [list(runtime.tokenizer(t)["input_ids"]) for t in TEXTS * 3][:8]
-
-    async def run() -> tuple[list, list]:
-        engine = make_engine(runtime, 8)
-        try:
-            alone = [await collect_tokens(engine, ids, 24) for ids in prompts]
-            together = await asyncio.gather(*(collect_tokens(engine, p, 24) for p in prompts))
-            return alone, list(together)
-        finally:
-            engine.close()
-
-    alone, together = asyncio.run(run())
+    alone, together = alone_and_together(runtime, prompts, 24)
     assert sum(map(len, together)) > 0
     assert together == alone
