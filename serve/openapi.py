@@ -47,6 +47,15 @@ _ROUTES: list[tuple[str, str, type[BaseModel] | None, type[BaseModel] | None, st
     ("/metadata", "get", None, None, "The artifact's manifest summary and server limits.",
      False),
 ]
+# One valid request per body, published as the media type's ``example`` (Swagger UI
+# pre-fills it; schemathesis sends it in its examples phase).
+_EXAMPLES: dict[str, dict[str, Any]] = {
+    "/classify": {"texts": ["a fine, moving film"]},
+    "/generate": {"prompts": ["Once upon a time"], "max_new_tokens": 16},
+    "/v1/completions": {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "Say hello."}],
+                             "max_tokens": 16, "temperature": 0},
+}
 _STATUSES = {"400": "Invalid request (the message names the field)",
              "401": "Missing or wrong API key (when the server has one)",
              "408": "Body not received in time", "413": "Body or input too large",
@@ -100,7 +109,8 @@ def openapi_schema(title: str = "modelpress", version: str = "1", api_key: bool 
                 for code, text in _STATUSES.items()}}}
         if req is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": REF.format(model=req.__name__)}}}}
+                "schema": {"$ref": REF.format(model=req.__name__)},
+                "example": _EXAMPLES[path]}}}
         paths[path] = {method: op}
     doc: dict[str, Any] = {"openapi": "3.1.0", "info": {"title": title, "version": version},
                            "paths": paths, "components": {"schemas": schemas}}

@@ -68,9 +68,14 @@ def test_clients_that_give_up_abort_on_every_route(merge, bentoml_env):
         async def give_up() -> float:
             tasks = [asyncio.ensure_future(_request(server.url, path, body))
                      for path, body in REQUESTS]
-            # the clients give up while most of their requests still wait for admission
+            # the clients give up once every request is in the engine (a client that goes
+            # before the server submitted its request leaves nothing to abort or count),
+            # most of them still waiting for admission
             m = await asyncio.to_thread(_until, server.url, lambda m: m.get(
-                "modelpress:num_requests_waiting", 0) >= len(REQUESTS) // 2, "no queue")
+                "modelpress:num_requests_waiting", 0) + m.get(
+                "modelpress:num_requests_running", 0) + delta(m, "request_success_total")
+                + delta(m, "request_aborted_total") == len(REQUESTS)
+                and m["modelpress:num_requests_waiting"] >= len(REQUESTS) // 2, "no queue")
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

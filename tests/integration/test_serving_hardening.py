@@ -314,18 +314,16 @@ def test_metadata_has_no_absolute_paths(gen_server):
 # --- fuzz: every public operation of the published schema, 0 server errors ------------
 
 
-def _fuzz_operation(operation, mode, url: str, headers: dict[str, str]) -> list[int]:
-    """Statuses of the cases schemathesis ran on one operation; raises at the first 5xx."""
+def _run_cases(strategy, n: int, url: str, headers: dict[str, str]) -> list[int]:
+    """Statuses of up to ``n`` cases drawn from ``strategy``; raises at the first 5xx."""
     from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis.checks import not_a_server_error
 
     seen: list[int] = []
 
-    # derandomize: the same cases every run (a random draw of 50 chat bodies could all
-    # carry some field this server refuses, leaving no valid request in the sample)
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=n, deadline=None, database=None, derandomize=True,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(case=operation.as_strategy(generation_mode=mode))
+    @given(case=strategy)
     def run(case) -> None:
         response = case.call_and_validate(base_url=url, headers=headers,
                                           checks=[not_a_server_error], timeout=60)
@@ -334,24 +332,32 @@ def _fuzz_operation(operation, mode, url: str, headers: dict[str, str]) -> list[
     return seen
 
 
-def _fuzz(url: str, headers: dict[str, str]) -> dict[str, tuple[int, int, int]]:
-    """Run schemathesis on every operation of the served schema (positive and negative
-    data); return the cases run, the 2xx and the 5xx answers per operation."""
+def _fuzz(url: str, headers: dict[str, str]) -> dict[str, tuple[int, int, int, int]]:
+    """Run schemathesis on every operation of the served schema: the published example
+    of each body, then positive and negative data; return the cases run, the 2xx, the
+    5xx and the examples' 2xx answers per operation.
+
+    Random positive data is not a source of valid requests (whether a draw of 50 chat
+    bodies leaves every field this server refuses unset differs between hypothesis
+    versions and hosts); the published examples are."""
     import schemathesis
     from schemathesis import GenerationMode
 
     doc = httpx.get(f"{url}/openapi.json", headers=headers).json()
     schema = schemathesis.openapi.from_dict(doc)
-    counts: dict[str, tuple[int, int, int]] = {}
+    counts: dict[str, tuple[int, int, int, int]] = {}
     for result in schema.get_all_operations():
         operation = result.ok()
+        examples = [status for strategy in operation.get_strategies_from_examples()
+                    for status in _run_cases(strategy, 1, url, headers)]
         # negative data needs something to break: the POST operations' bodies
         modes = [GenerationMode.POSITIVE] + (
             [GenerationMode.NEGATIVE] if operation.method.upper() == "POST" else [])
-        seen = [status for mode in modes
-                for status in _fuzz_operation(operation, mode, url, headers)]
+        seen = examples + [status for mode in modes for status in _run_cases(
+            operation.as_strategy(generation_mode=mode), FUZZ_EXAMPLES, url, headers)]
         counts[operation.label] = (len(seen), sum(1 for s in seen if s < 300),
-                                   sum(1 for s in seen if s >= 500))
+                                   sum(1 for s in seen if s >= 500),
+                                   sum(1 for s in examples if s < 300))
     return counts
 
 
@@ -359,27 +365,28 @@ def _assert_every_operation_ran(counts: dict[str, tuple[int, int, int]]) -> None
     """Every operation ran: POSTs with as many positive and negative cases as asked
     (hypothesis stops a parameterless GET once its one possible case ran)."""
     assert len(counts) == 6, counts
-    for label, (n, _, _) in counts.items():
+    for label, (n, _, _, _) in counts.items():
         assert n >= (FUZZ_EXAMPLES if label.startswith("POST") else 1), counts
 
 
 def test_fuzz_classifier_no_server_errors(cls_server):
     counts = _fuzz(cls_server.url, AUTH)
-    print("schemathesis, classifier (cases, 2xx, 5xx):", counts)
+    print("schemathesis, classifier (cases, 2xx, 5xx, example 2xx):", counts)
     _assert_every_operation_ran(counts)
+    assert counts["POST /classify"][3] == 1, counts  # the published example is answered
     assert counts["POST /classify"][1] >= 5, counts  # valid requests reached the model
-    assert sum(errors for _, _, errors in counts.values()) == 0
+    assert sum(errors for _, _, errors, _ in counts.values()) == 0
 
 
 def test_fuzz_generator_no_server_errors(gen_server):
     counts = _fuzz(gen_server.url, {})
-    print("schemathesis, generator (cases, 2xx, 5xx):", counts)
+    print("schemathesis, generator (cases, 2xx, 5xx, example 2xx):", counts)
     _assert_every_operation_ran(counts)
     for label in ("POST /generate", "POST /v1/completions", "POST /v1/chat/completions"):
-        # valid requests reached the model (most random requests set some field this
-        # server refuses: n > 1, penalties, tools, logprobs...)
-        assert counts[label][1] >= 1, counts
-    assert sum(errors for _, _, errors in counts.values()) == 0
+        # the published example reached the model (most random requests set some field
+        # this server refuses: n > 1, penalties, tools...)
+        assert counts[label][3] == 1, counts
+    assert sum(errors for _, _, errors, _ in counts.values()) == 0
     ok = asyncio.run(_one_chat(gen_server.url))  # and it still serves
     assert ok == 200
 
