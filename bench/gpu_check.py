@@ -234,11 +234,11 @@ def check_decode_overhead(root: Path, work: Path) -> dict:
                 128 * batch / (time.perf_counter() - start), 1)
         with torch.inference_mode():
             step = runtime.model(ids, use_cache=True)
-            cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+            cache, token = step.cache, step.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(50):
-                step = runtime.model(token, past_key_values=cache, use_cache=True)
+                step = runtime.model(token, cache=cache, use_cache=True)
                 token = step.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
         out[f"bare_forward_ms_{precision}"] = round((time.perf_counter() - start) * 20, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -37,8 +38,9 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(message)s", handlers=[RichHandler(console=err_console,
                                                                     show_path=False)])
-    # bitsandbytes warns on import about optional "kernels"; transformers/peft are chatty.
-    for name in ("bitsandbytes", "transformers", "peft", "accelerate", "torch"):
+    # bitsandbytes warns on import about optional "kernels" (offline: its own CPU kernel is
+    # used, see serve/runtime_torch.py); transformers/peft are chatty.
+    for name in ("bitsandbytes", "kernels", "transformers", "peft", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -171,8 +173,18 @@ app.command("bench")(bench_command.command)
 app.command("demo")(demo_command.command)
 
 
+def _quiet_progress_bars() -> None:
+    """No "Loading weights" bar (transformers 5 draws one on every model load) on stderr,
+    here and in the serve workers (the environment is inherited)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    loaded = sys.modules.get("transformers.utils.logging")  # imported before main() ran
+    if loaded is not None and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        loaded.disable_progress_bar()
+
+
 def main() -> None:
     """Entry point: runs the CLI, turning user errors into one line and exit code 2."""
+    _quiet_progress_bars()
     try:
         code = app(standalone_mode=False)
     except click.exceptions.ClickException as exc:

@@ -2,7 +2,10 @@
 
 Weights load in the manifest's precision (``fp32``/``fp16``/``bf16``); an artifact saved
 by bitsandbytes (``nf4``, ``int8-bnb``) carries its ``quantization_config`` in
-``config.json`` and loads quantized through it. CUDA is used when available.
+``config.json`` and loads quantized through it. CUDA is used when available. On a CPU with
+AVX512-BF16, bitsandbytes 0.50 first tries to fetch a faster 4-bit kernel from the Hugging
+Face Hub (``kernels-community``) and, offline, warns that it failed; its own built-in CPU
+kernel is then used (same greedy tokens), so those two loggers are kept to errors here.
 
 Generation pads on the left and decodes with ``model.generate`` (KV cache); streaming runs
 ``generate`` in a thread feeding a ``TextIteratorStreamer``. Model calls are serialised by
@@ -84,6 +87,8 @@ class TorchRuntime:
                else AutoModelForCausalLM)
         kwargs: dict[str, Any] = {"use_safetensors": True}
         if quantized:
+            for name in ("kernels", "bitsandbytes.backends.cpu.ops"):
+                logging.getLogger(name).setLevel(logging.ERROR)
             # bitsandbytes places the quantized weights itself; compute dtype is in its config.
             kwargs["device_map"] = {"": self.device}
             kwargs["dtype"] = torch.float32 if self.device == "cpu" else torch.float16

@@ -309,9 +309,9 @@ class TorchStepLM:
             out = self.model(input_ids=ids,
                              attention_mask=torch.ones((1, start + n), dtype=torch.long,
                                                        device=self.device),
-                             position_ids=positions, past_key_values=cache, use_cache=True,
+                             position_ids=positions, cache=cache, use_cache=True,
                              logits_to_keep=1)
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         self.table.add(slot, kv, start + n)
         return self._logits(out)[0]
 
@@ -335,7 +335,7 @@ class TorchStepLM:
                 input_ids=torch.tensor(row_tokens, device=self.device)[:, None],
                 attention_mask=self._mask(mask),
                 position_ids=torch.from_numpy(positions).to(self.device),
-                past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+                cache=self._cache, use_cache=True, logits_to_keep=1)
         self.table.advance([(layer.keys, layer.values) for layer in self._cache.layers])
         return self._logits(out)[index]
 

@@ -27,7 +27,7 @@ def command(
     console = Console(stderr=True, log_path=False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
-    for name in ("bitsandbytes", "transformers", "peft", "accelerate"):
+    for name in ("bitsandbytes", "kernels", "transformers", "peft", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     report_path = run_demo(task, quick, out, lambda message: console.log(message))
     print(report_path.read_text())

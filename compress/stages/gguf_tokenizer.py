@@ -1,10 +1,11 @@
 """A GGUF's tokenizer, checked against one rebuilt from the GGUF's own vocabulary.
 
 transformers converts a GGUF's vocabulary into a fast tokenizer, and for some vocabularies
-that conversion is silently wrong: Gemma 3's SentencePiece vocabulary (``tokenizer.ggml.
-model`` ``llama``) becomes a Unigram model whose scores are BPE merge ranks, so words fall
-into fragments ("What" -> "Wh", "at"), and every stage is then compared against a broken
-reference. llama.cpp's tokenization of the same file is the reference; this module rebuilds
+that conversion has been silently wrong: transformers 4.57 made Gemma 3's SentencePiece
+vocabulary (``tokenizer.ggml.model`` ``llama``) a Unigram model whose scores are BPE merge
+ranks, so words fell into fragments ("What" -> "Wh", "at"), and every stage was compared
+against a broken reference (5.x converts it to a BPE that agrees; the check stays).
+llama.cpp's tokenization of the same file is the reference; this module rebuilds
 it with the ``tokenizers`` library from the GGUF metadata (tokens, scores, token types,
 merges, BOS/EOS flags), as llama.cpp reads them:
 

@@ -116,7 +116,7 @@ def dequantized_base(model, scheme: str) -> list[str]:
         Names of the modules that were round-tripped.
     """
     import torch
-    from transformers.integrations.bitsandbytes import get_keys_to_not_convert
+    from transformers.quantizers.base import get_keys_to_not_convert
 
     skip = set(get_keys_to_not_convert(model))
     done = []

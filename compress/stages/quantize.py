@@ -181,7 +181,7 @@ def int4_weight_only(ctx) -> dict[str, Any]:
 def _bnb_skip_modules(model) -> tuple[list[str], list[str]]:
     """Modules to keep in full precision: the usual ones plus layers the CPU kernel rejects."""
     import torch
-    from transformers.integrations.bitsandbytes import get_keys_to_not_convert
+    from transformers.quantizers.base import get_keys_to_not_convert
 
     default = list(get_keys_to_not_convert(model))
     odd = [name for name, module in model.named_modules()
