@@ -135,5 +135,5 @@ lm-eval-venv: $(LMEVAL)/.installed
 $(LMEVAL)/.installed:
 	test -x $(LMEVAL)/bin/python || $(PYTHON) -m venv $(LMEVAL)
 	$(LMEVAL)/bin/pip install --quiet torch==2.13.0
-	$(LMEVAL)/bin/pip install --quiet 'lm-eval[hf,api]==0.4.13' 'transformers>=4.57,<4.58'
+	$(LMEVAL)/bin/pip install --quiet 'lm-eval[hf,api]==0.4.13' 'transformers>=5.25,<5.26'
 	touch $(LMEVAL)/.installed
