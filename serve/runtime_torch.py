@@ -328,7 +328,7 @@ class TorchRuntime:
     def step_lm(self):
         """A :class:`serve.step_lm.StepLM` over this runtime's model (weights shared)."""
         self._need("text-generation")
-        from serve.step_lm import TorchStepLM
+        from serve.step_lm_torch import TorchStepLM
 
         return TorchStepLM(self.model, self.max_length)
 

@@ -27,7 +27,8 @@ from serve.runtimes import ContextLengthExceeded
 
 log = logging.getLogger(__name__)
 
-#: One layer's (keys, values), each ``[batch, kv_heads, tokens, head_dim]`` (torch or numpy).
+#: One layer's (keys, values), each ``[batch, kv_heads, tokens, head_dim]`` (torch or numpy);
+#: ``(None, None)`` for a layer that reuses another layer's keys (Gemma 4's KV sharing).
 LayerKV = tuple[Any, Any]
 
 #: (format, precision) of artifacts whose graph quantizes activations at run time with ONE
@@ -127,7 +128,8 @@ class SlotTable:
 
     def read(self, slot: int, start: int, stop: int) -> list[LayerKV]:
         """A copy of ``slot``'s keys/values ``[H, stop - start, D]`` per layer."""
-        return [(_copy(k[0, :, start:stop]), _copy(v[0, :, start:stop]))
+        return [(None, None) if k is None
+                else (_copy(k[0, :, start:stop]), _copy(v[0, :, start:stop]))
                 for k, v in self._own(slot)]
 
     def load(self, slot: int, blocks: list[list[LayerKV]]) -> None:
@@ -137,6 +139,9 @@ class SlotTable:
         kv: list[LayerKV] = []
         for layer in range(len(blocks[0])):
             like = blocks[0][layer][0]
+            if like is None:
+                kv.append((None, None))
+                continue
             keys = self._zeros(like, (1, like.shape[0], n, like.shape[2]))
             values = self._zeros(like, (1, like.shape[0], n, like.shape[2]))
             at = 0
@@ -216,7 +221,8 @@ class SlotTable:
         if slot in self._solo:
             return self._solo[slot]
         row, n, width = self.rows.index(slot), self.lengths[slot], self.width
-        return [(k[row:row + 1, :, width - n:], v[row:row + 1, :, width - n:])
+        return [(None, None) if k is None
+                else (k[row:row + 1, :, width - n:], v[row:row + 1, :, width - n:])
                 for k, v in self.kv]
 
     def _relayout(self, rows: list[int]) -> None:
@@ -229,6 +235,9 @@ class SlotTable:
         kv: list[LayerKV] = []
         for layer in range(len(sources[0]) if sources else 0):
             like_k, like_v = sources[0][layer]
+            if like_k is None:
+                kv.append((None, None))
+                continue
             keys = self._zeros(like_k, (len(rows), like_k.shape[1], width, like_k.shape[3]))
             values = self._zeros(like_v, (len(rows), like_v.shape[1], width, like_v.shape[3]))
             for row, (slot, src) in enumerate(zip(rows, sources, strict=True)):
@@ -244,111 +253,7 @@ class SlotTable:
 
 
 def _copy(array: Any) -> Any:
-    """A copy of a numpy array or torch tensor."""
+    """A copy of a numpy array or torch tensor (None stays None)."""
+    if array is None:
+        return None
     return array.copy() if isinstance(array, np.ndarray) else array.clone()
-
-
-class TorchStepLM:
-    """:class:`StepLM` over a loaded transformers causal LM (fp32/fp16/bf16 or bitsandbytes).
-
-    Args:
-        model: The runtime's model (shared, not copied).
-        max_length: Context length per sequence.
-    """
-
-    def __init__(self, model: Any, max_length: int):
-        import torch
-        from transformers import DynamicCache
-
-        self._torch, self._cache_cls = torch, DynamicCache
-        self.model = model
-        self.device = model.device
-        self.max_length = int(max_length)
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.table = SlotTable(self.max_length,
-                               lambda like, shape: like.new_zeros(shape))
-        self._cache: Any = None
-        self._cache_layout = -1
-        self.chunked_prefill = self.copies_kv = True
-
-    def _mask(self, mask: np.ndarray) -> Any:
-        """The step's attention mask; with padding, the 4D mask attention takes directly.
-
-        transformers builds a padded mask with ``vmap`` on every forward (~9 ms a step
-        here); for one query token per row the causal part is empty, so the padding mask,
-        in the form sdpa (bool) or eager attention (additive) expects, is the same mask.
-        Without padding the 2D mask is passed: transformers then skips the mask entirely,
-        exactly as ``generate`` does.
-        """
-        torch = self._torch
-        padded = torch.from_numpy(mask).to(self.device)
-        impl = getattr(self.model.config, "_attn_implementation", None)
-        if mask.all() or impl not in ("sdpa", "eager"):
-            return padded
-        keep = padded.bool()[:, None, None, :]
-        if impl == "sdpa":
-            return keep
-        dtype = self.model.dtype
-        return torch.zeros(keep.shape, dtype=dtype, device=self.device).masked_fill(
-            ~keep, torch.finfo(dtype).min)
-
-    def _logits(self, out: Any) -> np.ndarray:
-        return out.logits[:, -1, :].float().cpu().numpy()
-
-    def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> np.ndarray:
-        """Append ``prompt_ids`` to ``slot``'s cache (``start`` tokens held); float32 logits
-        ``[vocab]``."""
-        torch = self._torch
-        n = len(prompt_ids)
-        self.table.check_prompt(slot, n, start)
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        cache = (self._cache_cls(ddp_cache_data=self.table.lone(slot)) if start
-                 else self._cache_cls())
-        positions = torch.arange(start, start + n, device=self.device)[None]
-        with torch.inference_mode():
-            out = self.model(input_ids=ids,
-                             attention_mask=torch.ones((1, start + n), dtype=torch.long,
-                                                       device=self.device),
-                             position_ids=positions, cache=cache, use_cache=True,
-                             logits_to_keep=1)
-        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-        self.table.add(slot, kv, start + n)
-        return self._logits(out)[0]
-
-    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
-        """Append ``tokens[i]`` to ``slots[i]`` in one forward; float32 ``[len(slots), vocab]``."""
-        torch = self._torch
-        if len(slots) != len(tokens):
-            raise ValueError(f"decode: {len(slots)} slots but {len(tokens)} tokens")
-        if not slots:
-            return np.zeros((0, self.vocab_size), dtype=np.float32)
-        index = self.table.prepare(slots)
-        if self._cache_layout != self.table.layout:
-            self._cache = self._cache_cls(ddp_cache_data=self.table.kv)
-            self._cache_layout = self.table.layout
-        row_tokens = [0] * len(index)
-        for i, row in enumerate(index):
-            row_tokens[row] = int(tokens[i])
-        mask, positions = self.table.mask_and_positions()
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=torch.tensor(row_tokens, device=self.device)[:, None],
-                attention_mask=self._mask(mask),
-                position_ids=torch.from_numpy(positions).to(self.device),
-                cache=self._cache, use_cache=True, logits_to_keep=1)
-        self.table.advance([(layer.keys, layer.values) for layer in self._cache.layers])
-        return self._logits(out)[index]
-
-    def free(self, slot: int) -> None:
-        """Drop the slot's cache now (its batch row is removed at once)."""
-        self.table.free(slot)
-        if self._cache_layout != self.table.layout:
-            self._cache, self._cache_layout = None, -1
-
-    def read_kv(self, slot: int, start: int, stop: int) -> list[LayerKV]:
-        """A copy of ``slot``'s keys/values at ``[start, stop)`` per layer."""
-        return self.table.read(slot, start, stop)
-
-    def load_prefix(self, slot: int, blocks: list[list[LayerKV]]) -> None:
-        """Create ``slot``'s cache from cached prefix blocks."""
-        self.table.load(slot, blocks)

@@ -1,0 +1,168 @@
+"""The torch :class:`serve.step_lm.StepLM`: a transformers causal LM driven step by step.
+
+The running batch is :class:`serve.step_lm.SlotTable`'s left-padded layout; each step is one
+forward with a transformers ``DynamicCache`` built over it. Decode masks are built here for
+full and sliding-window attention layers (transformers would rebuild them every step);
+architectures with recurrent layers (Qwen3.5's linear attention) are refused in one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from serve.errors import ArtifactError
+from serve.step_lm import LayerKV, SlotTable
+
+#: transformers ``layer_types`` whose layers keep a fixed-size recurrent state per sequence
+#: (Qwen3.5's Gated DeltaNet, Mamba-style mixers) instead of keys and values.
+RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "mamba", "conv", "recurrent"})
+
+
+def _layer_types(config: Any) -> set[str]:
+    """The ``layer_types`` of a transformers (text) config, as a set."""
+    return set(getattr(config.get_text_config(), "layer_types", None) or ())
+
+
+def _attention_layout(config: Any) -> tuple[int | None, bool, bool]:
+    """(sliding window or None, one mask per layer type, whether :class:`TorchStepLM` may
+    build the decode masks itself) from a transformers config."""
+    types = _layer_types(config)
+    config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    windowed = bool(window) and (not types or "sliding_attention" in types)
+    return (int(window) if windowed else None, "sliding_attention" in types,
+            types <= {"full_attention", "sliding_attention"})
+
+
+def _layer_kv(cache: Any) -> list[LayerKV]:
+    """A transformers cache's (keys, values) per layer; (None, None) where a layer holds none
+    (it reuses an earlier layer's keys)."""
+    return [(getattr(layer, "keys", None), getattr(layer, "values", None))
+            for layer in cache.layers]
+
+
+class TorchStepLM:
+    """:class:`serve.step_lm.StepLM` over a loaded transformers causal LM (fp32/fp16/bf16 or bitsandbytes).
+
+    Args:
+        model: The runtime's model (shared, not copied).
+        max_length: Context length per sequence.
+    """
+
+    def __init__(self, model: Any, max_length: int):
+        import torch
+        from transformers import DynamicCache
+
+        self._torch, self._cache_cls = torch, DynamicCache
+        self.model = model
+        self.device = model.device
+        self.max_length = int(max_length)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.table = SlotTable(self.max_length,
+                               lambda like, shape: like.new_zeros(shape))
+        self._cache: Any = None
+        self._cache_layout = -1
+        self.chunked_prefill = self.copies_kv = True
+        self._window, self._by_type, self._own_mask = _attention_layout(model.config)
+        recurrent = sorted(_layer_types(model.config) & RECURRENT_LAYER_TYPES)
+        if recurrent:
+            raise ArtifactError(
+                f"{type(model).__name__}: the torch format cannot be served by the engine: its "
+                f"{', '.join(recurrent)} layers keep a recurrent state per sequence, which "
+                "TorchStepLM does not slot (attention-only architectures can)")
+
+    def _mask(self, mask: np.ndarray) -> Any:
+        """The step's attention mask; with padding, the 4D mask attention takes directly.
+
+        transformers builds a padded mask with ``vmap`` on every forward (~9 ms a step
+        here); for one query token per row the causal part is empty, so the padding mask,
+        in the form sdpa (bool) or eager attention (additive) expects, is the same mask.
+        Sliding-window layers also hide keys ``window`` or more columns before the query
+        (rows are left-padded, so columns count positions); a model that mixes layer types
+        gets one mask per type. Without padding, or for other layer types, the 2D mask is
+        passed: transformers then builds the masks itself, exactly as ``generate`` does.
+        """
+        torch = self._torch
+        padded = torch.from_numpy(mask).to(self.device)
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if mask.all() or impl not in ("sdpa", "eager") or not self._own_mask:
+            return padded
+        keep = padded.bool()[:, None, None, :]
+        if self._window is None:
+            return self._mask_form(keep, impl)
+        width = keep.shape[-1]
+        recent = torch.arange(width, device=self.device) > width - 1 - self._window
+        sliding = self._mask_form(keep & recent, impl)
+        if not self._by_type:
+            return sliding
+        return {"full_attention": self._mask_form(keep, impl), "sliding_attention": sliding}
+
+    def _mask_form(self, keep: Any, impl: str) -> Any:
+        """A boolean keep-mask as sdpa (bool) or eager attention (additive) takes it."""
+        if impl == "sdpa":
+            return keep
+        torch, dtype = self._torch, self.model.dtype
+        return torch.zeros(keep.shape, dtype=dtype, device=self.device).masked_fill(
+            ~keep, torch.finfo(dtype).min)
+
+    def _logits(self, out: Any) -> np.ndarray:
+        return out.logits[:, -1, :].float().cpu().numpy()
+
+    def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> np.ndarray:
+        """Append ``prompt_ids`` to ``slot``'s cache (``start`` tokens held); float32 logits
+        ``[vocab]``."""
+        torch = self._torch
+        n = len(prompt_ids)
+        self.table.check_prompt(slot, n, start)
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        cache = (self._cache_cls(ddp_cache_data=self.table.lone(slot)) if start
+                 else self._cache_cls())
+        positions = torch.arange(start, start + n, device=self.device)[None]
+        with torch.inference_mode():
+            out = self.model(input_ids=ids,
+                             attention_mask=torch.ones((1, start + n), dtype=torch.long,
+                                                       device=self.device),
+                             position_ids=positions, cache=cache, use_cache=True,
+                             logits_to_keep=1)
+        self.table.add(slot, _layer_kv(out.cache), start + n)
+        return self._logits(out)[0]
+
+    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
+        """Append ``tokens[i]`` to ``slots[i]`` in one forward; float32 ``[len(slots), vocab]``."""
+        torch = self._torch
+        if len(slots) != len(tokens):
+            raise ValueError(f"decode: {len(slots)} slots but {len(tokens)} tokens")
+        if not slots:
+            return np.zeros((0, self.vocab_size), dtype=np.float32)
+        index = self.table.prepare(slots)
+        if self._cache_layout != self.table.layout:
+            self._cache = self._cache_cls(ddp_cache_data=self.table.kv)
+            self._cache_layout = self.table.layout
+        row_tokens = [0] * len(index)
+        for i, row in enumerate(index):
+            row_tokens[row] = int(tokens[i])
+        mask, positions = self.table.mask_and_positions()
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor(row_tokens, device=self.device)[:, None],
+                attention_mask=self._mask(mask),
+                position_ids=torch.from_numpy(positions).to(self.device),
+                cache=self._cache, use_cache=True, logits_to_keep=1)
+        self.table.advance(_layer_kv(self._cache))
+        return self._logits(out)[index]
+
+    def free(self, slot: int) -> None:
+        """Drop the slot's cache now (its batch row is removed at once)."""
+        self.table.free(slot)
+        if self._cache_layout != self.table.layout:
+            self._cache, self._cache_layout = None, -1
+
+    def read_kv(self, slot: int, start: int, stop: int) -> list[LayerKV]:
+        """A copy of ``slot``'s keys/values at ``[start, stop)`` per layer."""
+        return self.table.read(slot, start, stop)
+
+    def load_prefix(self, slot: int, blocks: list[list[LayerKV]]) -> None:
+        """Create ``slot``'s cache from cached prefix blocks."""
+        self.table.load(slot, blocks)
