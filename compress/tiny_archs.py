@@ -1,9 +1,9 @@
 """Tiny random decoders of the current architectures, built from small configs (no network).
 
 Beside :func:`compress.tiny.build_llama`: :func:`build_decoder` saves a 4-layer (Gemma 4:
-6-layer) causal LM (hidden 32, head size 16) with the tiny word-level tokenizer and chat template, as safetensors, so
-the stages and the engine can be tested per architecture. Sliding windows are 8 tokens so
-that test prompts reach past them.
+6-layer) causal LM (hidden 32, head size 16) with the tiny word-level tokenizer and chat
+template, as safetensors, so the stages and the engine can be tested per architecture.
+Sliding windows are 8 tokens so that test prompts reach past them.
 """
 
 from __future__ import annotations

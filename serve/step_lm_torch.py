@@ -44,7 +44,8 @@ def _layer_kv(cache: Any) -> list[LayerKV]:
 
 
 class TorchStepLM:
-    """:class:`serve.step_lm.StepLM` over a loaded transformers causal LM (fp32/fp16/bf16 or bitsandbytes).
+    """:class:`serve.step_lm.StepLM` over a loaded transformers causal LM (fp32, fp16, bf16
+    or bitsandbytes).
 
     Args:
         model: The runtime's model (shared, not copied).

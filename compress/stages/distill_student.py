@@ -68,22 +68,88 @@ def choose_layers(config: DistillConfig, teacher_layers: int, where: str) -> lis
     return [round((i + 1) * teacher_layers / k) - 1 for i in range(k)]
 
 
+#: Config lists with one entry per layer (transformers 5): kept entries follow the layers.
+PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
+
+
+def student_config(teacher, layer_map: list[int]):
+    """The teacher's config for the layers ``layer_map``: the layer count and every
+    per-layer setting (``layer_types`` with its sliding-window pattern, SmolLM3's
+    ``no_rope_layers``, Gemma 4's ``per_layer_config`` and KV-sharing tail) follow the kept
+    layers."""
+    config = copy.deepcopy(teacher.config)
+    n_teacher = num_layers(teacher)
+    config.num_hidden_layers = len(layer_map)
+    for name in PER_LAYER_LISTS:
+        values = getattr(config, name, None)
+        if isinstance(values, list) and len(values) == n_teacher:
+            setattr(config, name, [values[i] for i in layer_map])
+    teacher_types = set(getattr(teacher.config, "layer_types", None) or ())
+    missing = sorted(teacher_types - set(getattr(config, "layer_types", None) or ()))
+    if missing:  # e.g. a Qwen3.5 student of linear-attention layers only does not run
+        raise InputError(f"{type(teacher).__name__}: the layers {layer_map} keep no "
+                         f"{', '.join(missing)} layer of the teacher's; choose layers that "
+                         "keep every layer type (strategy: explicit, layers: [...])")
+    per_layer = getattr(config, "per_layer_config", None)
+    if isinstance(per_layer, dict) and per_layer:
+        width = len(next(iter(per_layer)))
+        config.per_layer_config = {f"{new:0{width}d}": per_layer[f"{old:0{width}d}"]
+                                   for new, old in enumerate(layer_map)
+                                   if f"{old:0{width}d}" in per_layer}
+    shared = getattr(config, "num_kv_shared_layers", 0) or 0
+    if shared:  # layers reusing earlier layers' keys/values are the teacher's last ones
+        config.num_kv_shared_layers = sum(i >= n_teacher - shared for i in layer_map)
+    return config
+
+
+def _per_layer_rows(value, layer_map: list[int], n_teacher: int, shape):
+    """``value`` with the per-layer blocks of the layers ``layer_map`` kept along the one
+    dimension whose size is the layer count times a block (Gemma 4's per-layer inputs), or
+    None when no dimension is."""
+    import torch
+
+    for dim, (size, want) in enumerate(zip(value.shape, shape, strict=True)):
+        if size != want and size % n_teacher == 0 \
+                and want == size // n_teacher * len(layer_map):
+            blocks = value.unflatten(dim, (n_teacher, size // n_teacher))
+            kept = blocks.index_select(dim, torch.tensor(layer_map, dtype=torch.long))
+            return kept.flatten(dim, dim + 1).clone()
+    return None
+
+
 def slice_teacher(teacher, layer_map: list[int]):
-    """A student made of the teacher's layers ``layer_map`` (weights copied, config updated)."""
-    student_config = copy.deepcopy(teacher.config)
-    student_config.num_hidden_layers = len(layer_map)
-    layer_types = getattr(student_config, "layer_types", None)
-    if isinstance(layer_types, list) and len(layer_types) == num_layers(teacher):
-        student_config.layer_types = [layer_types[i] for i in layer_map]
-    student = type(teacher)(student_config)
+    """A student made of the teacher's layers ``layer_map`` (weights copied, config updated).
+
+    Raises:
+        InputError: The architecture cannot keep these layers (a per-layer setting the
+            subset breaks, or a weight outside the layer list that depends on the count).
+    """
+    name = type(teacher).__name__
+    config = student_config(teacher, layer_map)
+    try:
+        student = type(teacher)(config)
+    except (ValueError, KeyError) as exc:
+        raise InputError(f"{name}: cannot keep layers {layer_map}: "
+                         f"{str(exc).strip().splitlines()[0]}; choose other layers or give a "
+                         "student_path") from None
     prefix = layer_prefix(teacher)
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.*)")
     new_index = {old: new for new, old in enumerate(layer_map)}
+    shapes = {key: value.shape for key, value in student.state_dict().items()}
+    n_teacher = num_layers(teacher)
     state: dict[str, Any] = {}
     for key, value in teacher.state_dict().items():
         match = pattern.fullmatch(key)
         if match is None:
-            state[key] = value.clone()
+            if key in shapes and value.shape != shapes[key]:
+                rows = _per_layer_rows(value, layer_map, n_teacher, shapes[key])
+                if rows is None:
+                    raise InputError(f"{name}: cannot slice {key} {tuple(value.shape)} to "
+                                     f"{tuple(shapes[key])} for {len(layer_map)} layers; "
+                                     "give a student_path instead")
+                state[key] = rows
+            else:
+                state[key] = value.clone()
         elif int(match.group(1)) in new_index:
             state[f"{prefix}{new_index[int(match.group(1))]}.{match.group(2)}"] = value.clone()
     student.load_state_dict(state, strict=True)
