@@ -48,7 +48,8 @@ def chat_prompts(tokenizer: Any, n: int) -> list[list[int]]:
         text = QUESTIONS[i % len(QUESTIONS)]
         if getattr(tokenizer, "chat_template", None):
             ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                add_generation_prompt=True, tokenize=True)
+                                                add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
         else:
             ids = tokenizer(text)["input_ids"]
         out.append(list(ids))
