@@ -19,7 +19,7 @@ from serve.engine import Engine, EngineConfig
 from serve.grammar import GrammarCompiler, token_bytes
 from serve.runtimes import GenerationParams
 from serve.schemas import RequestError
-from serve.step_lm import TorchStepLM
+from serve.step_lm_torch import TorchStepLM
 
 EOS = 3
 

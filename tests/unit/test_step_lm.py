@@ -102,7 +102,7 @@ def test_interleaved_greedy_equals_alone_and_generate(runtimes, prompts, fmt, ti
     if fmt == "torch-eager":  # the additive-mask path (the runtime loads sdpa)
         from transformers import AutoModelForCausalLM
 
-        from serve.step_lm import TorchStepLM
+        from serve.step_lm_torch import TorchStepLM
 
         eager = AutoModelForCausalLM.from_pretrained(tiny["llama"], attn_implementation="eager")
         step = TorchStepLM(eager.eval(), 128)
