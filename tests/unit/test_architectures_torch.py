@@ -168,3 +168,17 @@ def test_layer_dropped_student_keeps_a_valid_layer_pattern(merged, tmp_path):
     if arch == "gemma4":  # the KV-sharing tail would reuse a type no kept layer produces
         with pytest.raises(InputError, match="cannot keep layers"):
             slice_teacher(teacher, [1, 3, 5])
+
+
+def test_eval_scores_perplexity(merged):
+    from compress.data import Example
+    from compress.evaluate import evaluate
+    from compress.tiny import WORDS
+
+    _, _, folder = merged
+    runtime = load_runtime(folder, device="cpu")
+    # one text longer than the 128-token context, so perplexity is scored in windows
+    examples = [Example(text=" ".join(WORDS[k:k + 20] * n)) for k, n in ((0, 1), (5, 9))]
+    result = evaluate(runtime, examples, reference_runtime=runtime, progress=False)
+    assert result["metric"] == "perplexity" and 1 < result["value"] < 1e4
+    assert result["reference"]["agreement"] == 1.0 and result["reference"]["kl"] < 1e-9
