@@ -5,7 +5,8 @@ by bitsandbytes (``nf4``, ``int8-bnb``) carries its ``quantization_config`` in
 ``config.json`` and loads quantized through it. CUDA is used when available. On a CPU with
 AVX512-BF16, bitsandbytes 0.50 first tries to fetch a faster 4-bit kernel from the Hugging
 Face Hub (``kernels-community``) and, offline, warns that it failed; its own built-in CPU
-kernel is then used (same greedy tokens), so those two loggers are kept to errors here.
+kernel is then used (same greedy tokens); and int8 (LLM.int8) logs on every forward that
+it casts fp32 activations to fp16, which is how it works. Those loggers are kept to errors.
 
 Generation pads on the left and decodes with ``model.generate`` (KV cache); streaming runs
 ``generate`` in a thread feeding a ``TextIteratorStreamer``. Model calls are serialised by
@@ -87,7 +88,8 @@ class TorchRuntime:
                else AutoModelForCausalLM)
         kwargs: dict[str, Any] = {"use_safetensors": True}
         if quantized:
-            for name in ("kernels", "bitsandbytes.backends.cpu.ops"):
+            for name in ("kernels", "bitsandbytes.backends.cpu.ops",
+                         "bitsandbytes.autograd._functions"):
                 logging.getLogger(name).setLevel(logging.ERROR)
             # bitsandbytes places the quantized weights itself; compute dtype is in its config.
             kwargs["device_map"] = {"": self.device}
