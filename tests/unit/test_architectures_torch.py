@@ -182,3 +182,32 @@ def test_eval_scores_perplexity(merged):
     result = evaluate(runtime, examples, reference_runtime=runtime, progress=False)
     assert result["metric"] == "perplexity" and 1 < result["value"] < 1e4
     assert result["reference"]["agreement"] == 1.0 and result["reference"]["kl"] < 1e-9
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi3", "gemma4"])
+def test_eager_attention_sliding_window_batched_equals_alone(arch, tmp_path):
+    """The additive decode masks (eager attention) of the sliding-window architectures."""
+    from transformers import AutoModelForCausalLM
+
+    from serve.step_lm_torch import TorchStepLM
+
+    model = AutoModelForCausalLM.from_pretrained(build_decoder(arch, tmp_path / arch),
+                                                 attn_implementation="eager").eval()
+    lm = TorchStepLM(model, 128)
+    prompts = _prompts(lm.vocab_size)
+
+    def alone(prompt: list[int]) -> list[int]:
+        out = [int(lm.prefill(0, prompt).argmax())]
+        for _ in range(15):
+            out.append(int(lm.decode([0], [out[-1]])[0].argmax()))
+        lm.free(0)
+        return out
+
+    solo = [alone(p) for p in prompts]
+    together = {slot: [int(lm.prefill(slot, p).argmax())] for slot, p in enumerate(prompts)}
+    for _ in range(15):
+        slots = list(together)
+        for slot, row in zip(slots, lm.decode(slots, [together[s][-1] for s in slots]),
+                             strict=True):
+            together[slot].append(int(row.argmax()))
+    assert [together[s] for s in range(len(prompts))] == solo
