@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -42,6 +43,9 @@ def _setup_logging(verbose: bool) -> None:
     # used, see serve/runtime_torch.py); transformers/peft are chatty.
     for name in ("bitsandbytes", "kernels", "transformers", "peft", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # peft 0.21 reads this transformers 5 property on every adapter load
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)
 
 
 def _fmt_bytes(n: int) -> str:
