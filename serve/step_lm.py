@@ -106,7 +106,7 @@ class SlotTable:
     @property
     def width(self) -> int:
         """Token columns of the running batch."""
-        return int(self.kv[0][0].shape[2]) if self.kv else 0
+        return next((int(k.shape[2]) for k, _ in self.kv if k is not None), 0)
 
     def check_prompt(self, slot: int, n: int, start: int = 0) -> None:
         """Refuse an empty chunk, a new slot in use, a continued slot not holding ``start``

@@ -2,8 +2,11 @@
 
 The running batch is :class:`serve.step_lm.SlotTable`'s left-padded layout; each step is one
 forward with a transformers ``DynamicCache`` built over it. Decode masks are built here for
-full and sliding-window attention layers (transformers would rebuild them every step);
-architectures with recurrent layers (Qwen3.5's linear attention) are refused in one line.
+full and sliding-window attention layers (transformers would rebuild them every step).
+Qwen3.5's linear-attention layers keep a conv and a recurrent state per sequence instead of
+keys and values: :class:`LinearStates` slots them beside the KV rows (chunked prefill
+continues them; prefix-KV copy-in is off, a state cannot be restored at a block boundary).
+Other recurrent layer types (Mamba-style, LFM2's conv) are refused in one line.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import numpy as np
 from serve.errors import ArtifactError
 from serve.step_lm import LayerKV, SlotTable
 
-#: transformers ``layer_types`` whose layers keep a fixed-size recurrent state per sequence
-#: (Qwen3.5's Gated DeltaNet, Mamba-style mixers) instead of keys and values.
+#: transformers ``layer_types`` whose layers keep a fixed-size state per sequence instead of
+#: keys and values: Qwen3.5's Gated DeltaNet (``linear_attention``: a conv and a recurrent
+#: state, slotted here by :class:`LinearStates`) and Mamba-style mixers (refused).
 RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "mamba", "conv", "recurrent"})
+SLOTTED_RECURRENT = frozenset({"linear_attention"})
 
 
 def _layer_types(config: Any) -> set[str]:
@@ -41,6 +46,45 @@ def _layer_kv(cache: Any) -> list[LayerKV]:
     (it reuses an earlier layer's keys)."""
     return [(getattr(layer, "keys", None), getattr(layer, "values", None))
             for layer in cache.layers]
+
+
+class LinearStates:
+    """Per-slot conv and recurrent states of linear-attention layers, slotted like KV rows.
+
+    A slot's states are its own tensors after a prefill; while the slot is a batch row they
+    are views of its row in the batch cache, which transformers updates in place each step.
+
+    Args:
+        layers: Indices of the linear-attention layers.
+    """
+
+    def __init__(self, layers: list[int]):
+        self.layers = layers
+        self.own: dict[int, list[tuple[Any, Any]]] = {}
+
+    def take(self, slot: int, cache: Any) -> None:
+        """Keep the states of a batch-1 ``cache`` as ``slot``'s."""
+        self.own[slot] = [(cache.layers[i].conv_states[0], cache.layers[i].recurrent_states[0])
+                          for i in self.layers]
+
+    def fill(self, cache: Any, slots: list[int]) -> None:
+        """Write the states of ``slots`` (batch rows, in order) into a new ``cache``; the
+        slots' states become views of their rows."""
+        import torch
+
+        for j, i in enumerate(self.layers):
+            layer = cache.layers[i]
+            conv = torch.cat([self.own[slot][j][0] for slot in slots])
+            recurrent = torch.cat([self.own[slot][j][1] for slot in slots])
+            layer.lazy_initialization(conv_states=conv, recurrent_states=recurrent,
+                                      conv_kernel_size=conv.shape[-1])
+            layer.conv_states[0].copy_(conv)
+            layer.recurrent_states[0].copy_(recurrent)
+            layer.has_previous_state[0] = True
+        for row, slot in enumerate(slots):
+            self.own[slot] = [(cache.layers[i].conv_states[0][row:row + 1],
+                               cache.layers[i].recurrent_states[0][row:row + 1])
+                              for i in self.layers]
 
 
 class TorchStepLM:
@@ -67,12 +111,28 @@ class TorchStepLM:
         self._cache_layout = -1
         self.chunked_prefill = self.copies_kv = True
         self._window, self._by_type, self._own_mask = _attention_layout(model.config)
-        recurrent = sorted(_layer_types(model.config) & RECURRENT_LAYER_TYPES)
-        if recurrent:
+        unslotted = sorted(_layer_types(model.config) & (RECURRENT_LAYER_TYPES
+                                                         - SLOTTED_RECURRENT))
+        if unslotted:
             raise ArtifactError(
                 f"{type(model).__name__}: the torch format cannot be served by the engine: its "
-                f"{', '.join(recurrent)} layers keep a recurrent state per sequence, which "
-                "TorchStepLM does not slot (attention-only architectures can)")
+                f"{', '.join(unslotted)} layers keep a recurrent state per sequence, which "
+                "TorchStepLM does not slot (attention and linear-attention layers only)")
+        types = getattr(model.config.get_text_config(), "layer_types", None) or []
+        linear = [i for i, kind in enumerate(types) if kind in SLOTTED_RECURRENT]
+        self._states = LinearStates(linear) if linear else None
+        # a recurrent state cannot be restored at a cached prefix's block boundary
+        self.copies_kv = self._states is None
+
+    def _new_cache(self, kv: list[LayerKV] | None = None, slots: list[int] | None = None):
+        """A transformers cache holding ``kv`` (and, for linear-attention layers, the states
+        of ``slots``); typed per layer from the config when the model has such layers."""
+        if self._states is None:
+            return self._cache_cls(ddp_cache_data=kv)
+        cache = self._cache_cls(ddp_cache_data=kv, config=self.model.config)
+        if slots:
+            self._states.fill(cache, slots)
+        return cache
 
     def _mask(self, mask: np.ndarray) -> Any:
         """The step's attention mask; with padding, the 4D mask attention takes directly.
@@ -118,8 +178,8 @@ class TorchStepLM:
         n = len(prompt_ids)
         self.table.check_prompt(slot, n, start)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        cache = (self._cache_cls(ddp_cache_data=self.table.lone(slot)) if start
-                 else self._cache_cls())
+        cache = (self._new_cache(self.table.lone(slot), [slot]) if start
+                 else self._new_cache())
         positions = torch.arange(start, start + n, device=self.device)[None]
         with torch.inference_mode():
             out = self.model(input_ids=ids,
@@ -128,6 +188,8 @@ class TorchStepLM:
                              position_ids=positions, cache=cache, use_cache=True,
                              logits_to_keep=1)
         self.table.add(slot, _layer_kv(out.cache), start + n)
+        if self._states is not None:
+            self._states.take(slot, out.cache)
         return self._logits(out)[0]
 
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
@@ -139,7 +201,7 @@ class TorchStepLM:
             return np.zeros((0, self.vocab_size), dtype=np.float32)
         index = self.table.prepare(slots)
         if self._cache_layout != self.table.layout:
-            self._cache = self._cache_cls(ddp_cache_data=self.table.kv)
+            self._cache = self._new_cache(self.table.kv, self.table.rows)
             self._cache_layout = self.table.layout
         row_tokens = [0] * len(index)
         for i, row in enumerate(index):
@@ -157,6 +219,8 @@ class TorchStepLM:
     def free(self, slot: int) -> None:
         """Drop the slot's cache now (its batch row is removed at once)."""
         self.table.free(slot)
+        if self._states is not None:
+            del self._states.own[slot]
         if self._cache_layout != self.table.layout:
             self._cache, self._cache_layout = None, -1
 
