@@ -38,7 +38,7 @@ def _attention_layout(config: Any) -> tuple[int | None, bool, bool]:
     window = getattr(config, "sliding_window", None)
     windowed = bool(window) and (not types or "sliding_attention" in types)
     return (int(window) if windowed else None, "sliding_attention" in types,
-            types <= {"full_attention", "sliding_attention"})
+            types <= {"full_attention", "sliding_attention", "linear_attention"})
 
 
 def _layer_kv(cache: Any) -> list[LayerKV]:
@@ -142,8 +142,9 @@ class TorchStepLM:
         in the form sdpa (bool) or eager attention (additive) expects, is the same mask.
         Sliding-window layers also hide keys ``window`` or more columns before the query
         (rows are left-padded, so columns count positions); a model that mixes layer types
-        gets one mask per type. Without padding, or for other layer types, the 2D mask is
-        passed: transformers then builds the masks itself, exactly as ``generate`` does.
+        gets one mask per type (linear-attention layers none). Without padding, or for
+        other layer types, the 2D mask is passed: transformers then builds the masks
+        itself, exactly as ``generate`` does.
         """
         torch = self._torch
         padded = torch.from_numpy(mask).to(self.device)
@@ -151,14 +152,16 @@ class TorchStepLM:
         if mask.all() or impl not in ("sdpa", "eager") or not self._own_mask:
             return padded
         keep = padded.bool()[:, None, None, :]
-        if self._window is None:
-            return self._mask_form(keep, impl)
-        width = keep.shape[-1]
-        recent = torch.arange(width, device=self.device) > width - 1 - self._window
-        sliding = self._mask_form(keep & recent, impl)
-        if not self._by_type:
-            return sliding
-        return {"full_attention": self._mask_form(keep, impl), "sliding_attention": sliding}
+        masks = {"full_attention": self._mask_form(keep, impl)}
+        if self._window is not None:
+            width = keep.shape[-1]
+            recent = torch.arange(width, device=self.device) > width - 1 - self._window
+            masks["sliding_attention"] = self._mask_form(keep & recent, impl)
+            if not self._by_type:
+                return masks["sliding_attention"]
+        if self._states is not None:  # one new token per row: no padding to zero out
+            masks["linear_attention"] = None
+        return masks if len(masks) > 1 else masks["full_attention"]
 
     def _mask_form(self, keep: Any, impl: str) -> Any:
         """A boolean keep-mask as sdpa (bool) or eager attention (additive) takes it."""

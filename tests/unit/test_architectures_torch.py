@@ -178,9 +178,9 @@ def test_eval_scores_perplexity(merged):
     assert result["reference"]["agreement"] == 1.0 and result["reference"]["kl"] < 1e-9
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "phi3", "gemma4"])
-def test_eager_attention_sliding_window_batched_equals_alone(arch, tmp_path):
-    """The additive decode masks (eager attention) of the sliding-window architectures."""
+@pytest.mark.parametrize("arch", ["gemma3", "phi3", "gemma4", "qwen3_5"])
+def test_eager_attention_batched_equals_alone(arch, tmp_path):
+    """The additive decode masks (eager attention): sliding windows, per-type masks."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(build_decoder(arch, tmp_path / arch),
