@@ -43,6 +43,8 @@ def _setup_logging(verbose: bool) -> None:
     # used, see serve/runtime_torch.py); transformers/peft are chatty.
     for name in ("bitsandbytes", "kernels", "transformers", "peft", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # transformers sets its logger's level from this when it is first imported (later)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # peft 0.21 reads this transformers 5 property on every adapter load
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                             category=FutureWarning)
