@@ -43,8 +43,6 @@ def _setup_logging(verbose: bool) -> None:
     # used, see serve/runtime_torch.py); transformers/peft are chatty.
     for name in ("bitsandbytes", "kernels", "transformers", "peft", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    # transformers sets its logger's level from this when it is first imported (later)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # peft 0.21 reads this transformers 5 property on every adapter load
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                             category=FutureWarning)
@@ -179,10 +177,13 @@ app.command("bench")(bench_command.command)
 app.command("demo")(demo_command.command)
 
 
-def _quiet_progress_bars() -> None:
-    """No "Loading weights" bar (transformers 5 draws one on every model load) on stderr,
-    here and in the serve workers (the environment is inherited)."""
+def _quiet_transformers() -> None:
+    """No "Loading weights" bar (transformers 5 draws one on every model load) and only
+    transformers' errors on stderr (e.g. not its one-time notices that a CPU runs the
+    reference Qwen3.5 kernels), here and in the serve workers (they inherit the
+    environment). transformers reads both variables when it is first imported."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     loaded = sys.modules.get("transformers.utils.logging")  # imported before main() ran
     if loaded is not None and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
         loaded.disable_progress_bar()
@@ -190,7 +191,7 @@ def _quiet_progress_bars() -> None:
 
 def main() -> None:
     """Entry point: runs the CLI, turning user errors into one line and exit code 2."""
-    _quiet_progress_bars()
+    _quiet_transformers()
     try:
         code = app(standalone_mode=False)
     except click.exceptions.ClickException as exc:
