@@ -253,7 +253,7 @@ def quantize_graph(model, options, reader=None) -> tuple[Any, dict[str, Any]]:
 class LMCalibrationReader:
     """Feeds tokenized calibration texts to an LM graph (prefill, empty KV cache).
 
-    Works for optimum's and onnxruntime-genai's decoder graphs: ``input_ids``,
+    Works for the ``format: onnx`` and onnxruntime-genai decoder graphs: ``input_ids``,
     ``attention_mask``, optional ``position_ids`` and ``past_key_values.*`` inputs (given
     with a past length of 0).
     """
