@@ -198,18 +198,71 @@ def _name_axes(program: Any) -> None:
         value.shape = ir.Shape(dims)
 
 
+def _plain_matmuls(model: Any) -> None:
+    """Rewrite, in an ``onnx.ModelProto``, what the quantizers cannot read as a weight.
+
+    ``Gemm(x, W, transB=1)`` (a 2-D linear layer: a classifier head) becomes
+    ``MatMul(x, W^T) + bias``: ONNX Runtime's per-channel dynamic quantizer mis-shapes a
+    transposed Gemm weight. A ``MatMul`` fed by ``Transpose`` of a weight (the LM head of a
+    model with tied embeddings) gets the transposed weight as an initializer of its own,
+    so MatMulNBits can quantize it (ONNX Runtime would fold the same copy at load time).
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type == "Gemm" and node.input[1] in inits and attrs.get("transA", 0) == 0
+                and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0):
+            weight = numpy_helper.to_array(inits[node.input[1]])
+            name = f"{node.input[1]}.matmul"
+            graph.initializer.append(numpy_helper.from_array(
+                weight.T.copy() if attrs.get("transB", 0) else weight, name))
+            out = node.output[0]
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            nodes.append(helper.make_node("MatMul", [node.input[0], name],
+                                          [f"{out}.matmul" if bias else out]))
+            if bias:
+                nodes.append(helper.make_node("Add", [f"{out}.matmul", bias], [out]))
+            continue
+        source = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if (source is not None and source.op_type == "Transpose"
+                and source.input[0] in inits and len(inits[source.input[0]].dims) == 2):
+            name = f"{source.input[0]}.transposed"
+            if name not in inits:
+                weight = numpy_helper.to_array(inits[source.input[0]])
+                inits[name] = numpy_helper.from_array(weight.T.copy(), name)
+                graph.initializer.append(inits[name])
+            node.input[1] = name
+        nodes.append(node)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = [n for n in graph.node if n.op_type != "Transpose" or n.output[0] in used]
+    graph.ClearField("node")
+    graph.node.extend(kept)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    del graph.value_info[:]  # shapes of rewritten values; ONNX Runtime infers its own
+
+
 def save(program: Any, dst: Path) -> Path:
     """Write ``dst/model.onnx``; weights past protobuf's 2 GB go to ``model.onnx.data``."""
+    import onnx
     import onnx_ir as ir
 
     dst.mkdir(parents=True, exist_ok=True)
     path = dst / "model.onnx"
-    size = sum(v.const_value.nbytes for v in program.graph.initializers.values()
-               if v.const_value is not None)
-    if size > MAX_SINGLE_FILE:
-        ir.save(program, path, external_data="model.onnx.data")
-    else:
-        ir.save(program, path)
+    model = ir.to_proto(program)
+    _plain_matmuls(model)
+    size = sum(len(i.raw_data) for i in model.graph.initializer)
+    onnx.save_model(model, path, save_as_external_data=size > MAX_SINGLE_FILE,
+                    all_tensors_to_one_file=True, location="model.onnx.data")
     return path
 
 
