@@ -198,8 +198,29 @@ def _name_axes(program: Any) -> None:
         value.shape = ir.Shape(dims)
 
 
+def _module_path(node: Any) -> str | None:
+    """The torch module a linear node came from, as optimum-onnx (TorchScript) named its
+    nodes: ``/model/layers.0/self_attn/q_proj``; None for other nodes."""
+    import ast
+
+    props = {p.key: p.value for p in node.metadata_props}
+    scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+    if len(scopes) < 2 or not scopes[-1].startswith("linear") or not scopes[-2]:
+        return None
+    parts: list[str] = []
+    for part in scopes[-2].split("."):
+        if part.isdigit() and parts:
+            parts[-1] += f".{part}"
+        else:
+            parts.append(part)
+    return "/" + "/".join(parts)
+
+
 def _plain_matmuls(model: Any) -> None:
     """Rewrite, in an ``onnx.ModelProto``, what the quantizers cannot read as a weight.
+
+    Linear layers' nodes are named as optimum-onnx named them (``/lm_head/MatMul``: the
+    int4 stage puts that node at 8 bits for ``int8_lm_head``).
 
     ``Gemm(x, W, transB=1)`` (a 2-D linear layer: a classifier head) becomes
     ``MatMul(x, W^T) + bias``: ONNX Runtime's per-channel dynamic quantizer mis-shapes a
@@ -213,7 +234,12 @@ def _plain_matmuls(model: Any) -> None:
     inits = {i.name: i for i in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
     nodes = []
+    taken = {n.name for n in graph.node}
     for node in graph.node:
+        module = _module_path(node) if node.op_type in ("MatMul", "Gemm") else None
+        if module and f"{module}/MatMul" not in taken:
+            taken.add(f"{module}/MatMul")
+            node.name = f"{module}/MatMul"
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type == "Gemm" and node.input[1] in inits and attrs.get("transA", 0) == 0
                 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0):
@@ -224,9 +250,11 @@ def _plain_matmuls(model: Any) -> None:
             out = node.output[0]
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
             nodes.append(helper.make_node("MatMul", [node.input[0], name],
-                                          [f"{out}.matmul" if bias else out]))
+                                          [f"{out}.matmul" if bias else out],
+                                          name=node.name.removesuffix("/MatMul") + "/MatMul"))
             if bias:
-                nodes.append(helper.make_node("Add", [f"{out}.matmul", bias], [out]))
+                nodes.append(helper.make_node("Add", [f"{out}.matmul", bias], [out],
+                                              name=node.name.removesuffix("/MatMul") + "/Add"))
             continue
         source = producers.get(node.input[1]) if node.op_type == "MatMul" else None
         if (source is not None and source.op_type == "Transpose"
