@@ -199,13 +199,14 @@ def _name_axes(program: Any) -> None:
 
 
 def _module_path(node: Any) -> str | None:
-    """The torch module a linear node came from, as optimum-onnx (TorchScript) named its
-    nodes: ``/model/layers.0/self_attn/q_proj``; None for other nodes."""
+    """The torch module a linear or embedding node came from, as optimum-onnx (TorchScript)
+    named its nodes: ``/model/layers.0/self_attn/q_proj``; None for other nodes."""
     import ast
 
     props = {p.key: p.value for p in node.metadata_props}
     scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
-    if len(scopes) < 2 or not scopes[-1].startswith("linear") or not scopes[-2]:
+    if len(scopes) < 2 or not scopes[-1].startswith(("linear", "embedding")) \
+            or not scopes[-2]:
         return None
     parts: list[str] = []
     for part in scopes[-2].split("."):
@@ -225,8 +226,8 @@ def _plain_matmuls(model: Any) -> None:
     ``Gemm(x, W, transB=1)`` (a 2-D linear layer: a classifier head) becomes
     ``MatMul(x, W^T) + bias``: ONNX Runtime's per-channel dynamic quantizer mis-shapes a
     transposed Gemm weight. A ``MatMul`` fed by ``Transpose`` of a weight (the LM head of a
-    model with tied embeddings) gets the transposed weight as an initializer of its own,
-    so MatMulNBits can quantize it (ONNX Runtime would fold the same copy at load time).
+    model with tied embeddings) reads the transposed weight as an initializer, so
+    MatMulNBits can quantize it, and the embedding ``Gather`` reads its ``Transpose``.
     """
     from onnx import helper, numpy_helper
 
@@ -234,12 +235,14 @@ def _plain_matmuls(model: Any) -> None:
     inits = {i.name: i for i in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
     nodes = []
+    tied: dict[str, Any] = {}  # weight read as Transpose(weight) by a MatMul -> that MatMul
     taken = {n.name for n in graph.node}
     for node in graph.node:
-        module = _module_path(node) if node.op_type in ("MatMul", "Gemm") else None
-        if module and f"{module}/MatMul" not in taken:
-            taken.add(f"{module}/MatMul")
-            node.name = f"{module}/MatMul"
+        module = _module_path(node) if node.op_type in ("MatMul", "Gemm", "Gather") else None
+        op = "Gather" if node.op_type == "Gather" else "MatMul"
+        if module and f"{module}/{op}" not in taken:
+            taken.add(f"{module}/{op}")
+            node.name = f"{module}/{op}"
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type == "Gemm" and node.input[1] in inits and attrs.get("transA", 0) == 0
                 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0):
@@ -259,13 +262,22 @@ def _plain_matmuls(model: Any) -> None:
         source = producers.get(node.input[1]) if node.op_type == "MatMul" else None
         if (source is not None and source.op_type == "Transpose"
                 and source.input[0] in inits and len(inits[source.input[0]].dims) == 2):
-            name = f"{source.input[0]}.transposed"
-            if name not in inits:
-                weight = numpy_helper.to_array(inits[source.input[0]])
-                inits[name] = numpy_helper.from_array(weight.T.copy(), name)
-                graph.initializer.append(inits[name])
-            node.input[1] = name
+            tied[source.input[0]] = node
         nodes.append(node)
+    for weight, matmul in tied.items():
+        # the MatMul reads W^T stored as such; the embedding Gather reads Transpose(W^T), as
+        # in optimum's graphs (one copy of a tied table in the file)
+        name = f"{weight}.transposed"
+        graph.initializer.append(numpy_helper.from_array(
+            numpy_helper.to_array(inits[weight]).T.copy(), name))
+        matmul.input[1] = name
+        back = f"{weight}.untransposed"
+        nodes.insert(0, helper.make_node("Transpose", [name], [back], perm=[1, 0],
+                                         name=f"{weight}/Transpose"))
+        for node in nodes[1:]:
+            for i, value in enumerate(node.input):
+                if value == weight and node.op_type != "Transpose":
+                    node.input[i] = back
     graph.ClearField("node")
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
