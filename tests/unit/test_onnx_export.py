@@ -137,3 +137,32 @@ def test_hybrid_decoder_is_refused_in_one_line(tiny, tmp_path):
     assert "\n" not in message
     assert "Qwen3_5ForCausalLM" in message and "onnx-genai" in message
     assert not (tmp_path / "onnx" / "model.onnx").exists()
+
+
+def test_onnx_runtime_generates_like_torch(tiny, tmp_path):
+    """The ONNX LM runtime (no optimum): batched greedy = alone = torch runtime, streamed =
+    generated, stop sequences cut as torch's, seeded sampling reproducible, log-probs."""
+    from serve.runtimes import GenerationParams, load_runtime
+    from tests.unit.test_step_lm import artifact
+
+    onnx_rt = load_runtime(artifact(tiny["llama"], tmp_path / "onnx", "onnx"))
+    torch_rt = load_runtime(artifact(tiny["llama"], tmp_path / "torch", "torch"))
+    prompts = ["the movie was", "what is the capital of france ?", "i love it"]
+    greedy = GenerationParams(max_new_tokens=12)
+    batch = onnx_rt.generate(prompts, greedy)
+    assert [g.text for g in batch] == [g.text for g in torch_rt.generate(prompts, greedy)]
+    assert [g.text for g in batch] == [onnx_rt.generate([p], greedy)[0].text for p in prompts]
+    assert "".join(onnx_rt.stream(prompts[1], greedy)) == batch[1].text
+    words = batch[1].text.split()
+    assert len(words) > 2
+    stop = GenerationParams(max_new_tokens=12, stop=[" " + words[2]])
+    cut = onnx_rt.generate([prompts[1]], stop)[0]
+    assert cut.finish_reason == "stop" and cut.completion_tokens < 12
+    assert cut.text == torch_rt.generate([prompts[1]], stop)[0].text
+    assert "".join(onnx_rt.stream(prompts[1], stop)) == cut.text
+    sampled = GenerationParams(max_new_tokens=12, temperature=1.0, seed=7)
+    assert onnx_rt.generate(prompts, sampled) == onnx_rt.generate(prompts, sampled)
+    for (ids_t, lp_t), (ids_o, lp_o) in zip(torch_rt.next_token_logprobs(prompts),
+                                            onnx_rt.next_token_logprobs(prompts), strict=True):
+        assert np.array_equal(ids_t, ids_o) and np.abs(lp_t - lp_o).max() < 1e-4
+    assert onnx_rt.eos_ids == torch_rt.eos_ids and onnx_rt.max_length == torch_rt.max_length
