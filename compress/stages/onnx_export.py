@@ -68,7 +68,7 @@ def check_exportable(config: dict[str, Any], task: str) -> str:
                                   f"use {other}")
 
 
-def _dynamic(axes: dict[int, str]) -> dict[int, Any]:
+def _dynamic(*axes: int) -> dict[int, Any]:
     from torch.export import Dim
 
     return dict.fromkeys(axes, Dim.AUTO)
@@ -91,11 +91,12 @@ def export_classifier(model: Any) -> Any:
     if (getattr(model.config, "type_vocab_size", 0) or 0) > 1 and \
             "token_type_ids" in inspect.signature(model.forward).parameters:
         sample["token_type_ids"] = torch.zeros_like(ids)
-    shapes = {name: _dynamic({0: "batch", 1: "sequence"}) for name in sample}
+    shapes = {name: _dynamic(0, 1) for name in sample}
     exported = OnnxExporter().export(model, sample, OnnxConfig(dynamic=True,
                                                                 dynamic_shapes=shapes))
     program = exported.program
     _rename(program, {}, {program.graph.outputs[0].name: "logits"})
+    _name_axes(program)
     return program
 
 
@@ -143,10 +144,10 @@ def export_causal_lm(model: Any) -> Any:
     key = "cache" if "cache" in sample else "past_key_values"
     register_cache_pytrees_for_model(model)
     cache_leaves = get_auto_dynamic_shapes(sample[key])
-    shapes = {"input_ids": _dynamic({0: "batch", 1: "sequence"}),
-              "attention_mask": _dynamic({0: "batch", 1: "total"}),
-              "position_ids": _dynamic({0: "batch", 1: "sequence"}),
-              key: [_dynamic({0: "batch", 2: "past"}) if spec and len(spec) == 4
+    shapes = {"input_ids": _dynamic(0, 1),
+              "attention_mask": _dynamic(0, 1),
+              "position_ids": _dynamic(0, 1),
+              key: [_dynamic(0, 2) if spec and len(spec) == 4
                                   else None for spec in cache_leaves]}
     exported = OnnxExporter().export(model, sample, OnnxConfig(dynamic=True,
                                                                 dynamic_shapes=shapes))
@@ -183,12 +184,15 @@ def _name_axes(program: Any) -> None:
     """Readable dynamic axis names (batch_size, sequence_length, ...) on the graph I/O."""
     import onnx_ir as ir
 
-    ids = {v.name: v for v in program.graph.inputs}
-    names = {str(ids["input_ids"].shape[0]): "batch_size",
-             str(ids["attention_mask"].shape[0]): "batch_size",
-             str(ids["input_ids"].shape[1]): "sequence_length",
-             str(ids["attention_mask"].shape[1]): "total_sequence_length",
-             str(ids["past_key_values.0.key"].shape[2]): "past_sequence_length"}
+    ids = {v.name: v.shape for v in program.graph.inputs}
+    names = {str(ids["input_ids"][0]): "batch_size",
+             str(ids["input_ids"][1]): "sequence_length",
+             str(ids["attention_mask"][0]): "batch_size"}
+    if "past_key_values.0.key" in ids:  # a causal LM: the mask spans past + new tokens
+        names[str(ids["attention_mask"][1])] = "total_sequence_length"
+        names[str(ids["past_key_values.0.key"][2])] = "past_sequence_length"
+    else:
+        names[str(ids["attention_mask"][1])] = "sequence_length"
     for value in [*program.graph.inputs, *program.graph.outputs]:
         if value.shape is None:
             continue
