@@ -166,3 +166,10 @@ def test_onnx_runtime_generates_like_torch(tiny, tmp_path):
                                             onnx_rt.next_token_logprobs(prompts), strict=True):
         assert np.array_equal(ids_t, ids_o) and np.abs(lp_t - lp_o).max() < 1e-4
     assert onnx_rt.eos_ids == torch_rt.eos_ids and onnx_rt.max_length == torch_rt.max_length
+
+
+def test_old_recipes_graph_optimum_means_the_onnx_export():
+    from compress.stages.methods import Int4Options
+
+    assert Int4Options(graph="optimum").graph == "onnx"
+    assert Int4Options().graph == "onnx" and Int4Options(graph="genai").graph == "genai"
