@@ -1,0 +1,144 @@
+"""onnx-genai (onnxruntime-genai 0.18's builder) on the architectures it builds beyond Llama:
+built through the variant code, fp32 equals torch's greedy tokens, the serving engine's
+step LM equals onnxruntime-genai's own generator, config rewrites are in the manifest,
+and architectures it cannot build are refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from compress.stages.genai_build import GenaiBuildError, check_genai_supported
+from serve.artifact import load_artifact
+from serve.runtimes import load_runtime
+from tests.unit.tiny_decoders import build_decoder
+from tests.unit.variant_fixtures import run, write_texts
+
+ARCHS = ["Gemma3", "Qwen3", "Phi3", "SmolLM3"]  # SmolLM3: no no-RoPE layer (see below)
+N_NEW = 20
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = {}
+    for arch in ARCHS:
+        root = tmp_path_factory.mktemp(f"genai-{arch}")
+        base = build_decoder(arch, root / "base")
+        write_texts(root / "eval.jsonl", 6, labels=False)
+        folder, records = run(f"""
+name: {arch.lower()}
+task: text-generation
+base: {{path: {base}}}
+data: {{eval: {{path: eval.jsonl, label: null}}}}
+gates: {{min_agreement: 0.0, max_metric_drop: 100.0}}
+variants:
+  - {{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}}
+""", root)
+        assert records["genai-fp32"].status == "built", records["genai-fp32"].error
+        out[arch] = (base, folder / "genai-fp32")
+    return out
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [[2, *rng.integers(4, vocab - 1, size=n - 1).tolist()] for n in (5, 9, 3, 12)]
+
+
+def _torch_greedy(base, prompt: list[int], n: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+    return seq[0, len(prompt):].tolist()
+
+
+def _lone_genai(runtime, prompt: list[int], n: int) -> list[int]:
+    """onnxruntime-genai's own generator, one prompt, greedy, exactly ``n`` tokens."""
+    og = runtime._og
+    params = og.GeneratorParams(runtime.model)
+    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n,
+                              do_sample=False)
+    generator = og.Generator(runtime.model, params)
+    generator.append_tokens(np.asarray([prompt], dtype=np.int32))
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_genai_fp32_equals_torch_greedy(built, arch):
+    base, folder = built[arch]
+    runtime = load_runtime(folder)
+    # Gemma3's sliding window (16) is shorter than 12 prompt + 20 new tokens
+    for prompt in _prompts(runtime.step_lm().vocab_size):
+        assert _lone_genai(runtime, prompt, N_NEW) == _torch_greedy(base, prompt, N_NEW)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_step_lm_interleaved_equals_lone_generator(built, arch):
+    runtime = load_runtime(built[arch][1])
+    lm = runtime.step_lm()
+    prompts = _prompts(lm.vocab_size)
+    lone = [_lone_genai(runtime, p, N_NEW) for p in prompts]
+    joins = {0: 0, 1: 0, 2: 3, 3: 7}  # slot → step it joins at
+    out: dict[int, list[int]] = {}
+    for step in range(60):
+        for slot, at in joins.items():
+            if at == step:
+                out[slot] = [int(lm.prefill(slot, prompts[slot]).argmax())]
+        live = [s for s in out if len(out[s]) < N_NEW]
+        if not live:
+            continue
+        for slot, row in zip(live, lm.decode(live, [out[s][-1] for s in live]), strict=True):
+            out[slot].append(int(row.argmax()))
+            if len(out[slot]) == N_NEW:
+                lm.free(slot)
+    assert [out[s] for s in range(len(prompts))] == lone
+
+
+def test_config_normalisations_are_in_the_manifest(built):
+    def details(arch):
+        stages = load_artifact(built[arch][1]).manifest.lineage["stages"]
+        return stages[-1]["details"]
+
+    gemma = details("Gemma3")
+    assert gemma["config_normalisations"][0].startswith("rope_parameters: its full_attention")
+    assert gemma["config_normalisations"][1].startswith("rope_local_base_freq: 10000.0")
+    assert gemma["options"]["windowed_kv_cache"] is False
+    assert details("Qwen3")["config_normalisations"] == []
+    # the artifact keeps transformers' own config: only the builder saw the rewrite
+    assert gemma["check"]["max_logprob_diff"] < 0.02
+
+
+def _config(tmp_path, **config):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("arch", "words"), [
+    ("Qwen3_5ForCausalLM", "recurrent state"),
+    ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"),
+    ("FalconForCausalLM", "cannot build architecture FalconForCausalLM"),
+])
+def test_architectures_the_builder_cannot_take_are_refused_in_one_line(tmp_path, arch, words):
+    with pytest.raises(GenaiBuildError) as info:
+        check_genai_supported(_config(tmp_path, architectures=[arch], hidden_size=32,
+                                      num_attention_heads=2))
+    message = str(info.value)
+    assert words in message and "use format: onnx" in message and "\n" not in message
+
+
+def test_smollm3_with_no_rope_layers_is_refused(tmp_path):
+    with pytest.raises(GenaiBuildError, match="no-RoPE layers"):
+        check_genai_supported(_config(tmp_path, architectures=["SmolLM3ForCausalLM"],
+                                      hidden_size=32, num_attention_heads=2,
+                                      no_rope_layers=[1, 1, 1, 0]))
