@@ -1,17 +1,23 @@
 """Step-level decoding of an ``onnx-genai`` model with ONNX Runtime: the continuous-batching
 backend of :class:`serve.engine.Engine` for that format.
 
-onnxruntime-genai 0.11.4's own ``og.Engine`` admits a new request on the CPU only once
-the running batch has drained (measured: requests added at steps 3-11 of a 30-token
-batch got their first token at step 59), so it cannot join streams mid-flight. The
-builder's ``model.onnx`` itself can: its ``GroupQueryAttention`` reads each row's length
-from ``attention_mask`` and writes the new key/value at that position of a shared
-past/present buffer. This module keeps one such buffer per layer, ``[rows, kv_heads,
-length, head_size]``, a row per running sequence, binds it as both past and present
-(IOBinding, no copy per step) and runs every running sequence's next token as one batch
-of right-padded rows. Greedy outputs equal onnxruntime-genai's lone ``Generator``
-(tests/unit/test_engine.py). A dynamic-int8 model runs each row's step on its own
-(``per_row``, :func:`serve.step_lm.decode_per_row`).
+onnxruntime-genai's own ``og.Engine`` batches statically on the CPU (0.11.4, measured:
+requests added at steps 3-11 of a 30-token batch got their first token at step 59; 0.18
+still hard-codes a batch of 4 there, its continuous batching needs paged attention, built
+only for CUDA/WebGPU fp16), so it cannot join streams mid-flight. The builder's
+``model.onnx`` itself can: its ``GroupQueryAttention`` reads each row's length from
+``attention_mask`` and writes the new key/value at that position of a shared past/present
+buffer. This module keeps one such buffer per layer, ``[rows, kv_heads, length,
+head_size]``, a row per running sequence, binds it as both past and present (IOBinding,
+no copy per step) and runs every running sequence's next token as one batch of
+right-padded rows; a graph with a ``position_ids`` input (RoPE outside the attention op)
+gets each row's own positions. Greedy outputs equal onnxruntime-genai's lone
+``Generator`` (tests/unit/test_engine.py, test_genai_archs.py). A dynamic-int8 model runs
+each row's step on its own (``per_row``, :func:`serve.step_lm.decode_per_row`).
+
+Graphs it cannot drive are refused in one line: window-sized KV caches for sliding-window
+layers (0.18's default; modelpress builds with ``windowed_kv_cache=false``) and the
+recurrent/convolution states of hybrid models (Qwen3.5's linear-attention layers).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
+
+from serve.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +61,6 @@ class GenaiStepLM:
         self.vocab_size = int(config["vocab_size"])
         self.max_length = int(config["context_length"])
         self._layers = int(decoder["num_hidden_layers"])
-        self._kv_heads = int(decoder["num_key_value_heads"])
-        self._head_size = int(decoder["head_size"])
         names = decoder["inputs"]
         outputs = decoder["outputs"]
         self._past = [name % i for i in range(self._layers)
@@ -63,11 +69,30 @@ class GenaiStepLM:
                          for name in (outputs["present_key_names"],
                                       outputs["present_value_names"])]
         self._input_ids, self._mask = names["input_ids"], names["attention_mask"]
+        self._positions = names.get("position_ids", "position_ids")
         self._logits = outputs["logits"]
+        if "sliding_window" in decoder:
+            raise ArtifactError(f"{path}: the serving engine cannot run this onnx-genai "
+                                "model: its sliding-window layers have window-sized KV "
+                                "caches; rebuild the variant with modelpress (full-length "
+                                "caches)")
         self.session = ort.InferenceSession(str(Path(path) / decoder["filename"]),
                                             session_options, providers=providers)
-        kinds = {i.name: i.type for i in self.session.get_inputs()}
-        self._kv_dtype = np.float16 if "float16" in kinds[self._past[0]] else np.float32
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        unknown = sorted(set(inputs) - {self._input_ids, self._mask, self._positions,
+                                        *self._past})
+        if unknown:
+            raise ArtifactError(f"{path}: the serving engine cannot run this onnx-genai "
+                                f"graph: inputs {', '.join(unknown[:4])} (per-sequence "
+                                "recurrent state or other inputs it does not keep)")
+        self._with_positions = self._positions in inputs
+        self._kv_dtype = np.float16 if "float16" in inputs[self._past[0]].type else np.float32
+        # [kv_heads, head_size] per past input: from the graph where it is concrete (a
+        # model may vary them per layer), else from genai_config
+        default = (int(decoder["num_key_value_heads"]), int(decoder["head_size"]))
+        self._kv_dims = [tuple(d if isinstance(d, int) else f for d, f in
+                               zip(inputs[name].shape[1::2], default, strict=True))
+                         for name in self._past]
         self._buffers: list[np.ndarray] = []
         self._rows: dict[int, int] = {}  # slot → row of the buffers
         self._lengths = np.zeros(0, dtype=np.int64)  # tokens cached per row
@@ -78,8 +103,8 @@ class GenaiStepLM:
     def _allocate(self, rows: int, length: int) -> None:
         """(Re)allocate the buffers with ``rows`` × ``length``, keeping the cached rows."""
         length = min(length, self.max_length)
-        shape = (rows, self._kv_heads, length, self._head_size)
-        fresh = [np.zeros(shape, dtype=self._kv_dtype) for _ in self._past]
+        fresh = [np.zeros((rows, heads, length, size), dtype=self._kv_dtype)
+                 for heads, size in self._kv_dims]
         used = len(self._rows)
         for old, new in zip(self._buffers, fresh, strict=False):
             keep = min(old.shape[2], length)
@@ -113,6 +138,9 @@ class GenaiStepLM:
         binding = self.session.io_binding()
         binding.bind_cpu_input(self._input_ids, ids.astype(np.int64))
         binding.bind_cpu_input(self._mask, mask)
+        if self._with_positions:
+            positions = self._lengths[first:stop, None] + np.arange(width)[None, :]
+            binding.bind_cpu_input(self._positions, positions.astype(np.int64))
         for past, present, buffer in zip(self._past, self._present, self._buffers,
                                          strict=True):
             value = ort.OrtValue.ortvalue_from_numpy(buffer[first:stop])

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 GENAI_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                        "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM",
                        "Gemma2ForCausalLM", "Gemma3ForCausalLM", "SmolLM3ForCausalLM",
-                       "GraniteForCausalLM", "OlmoForCausalLM")
+                       "GraniteForCausalLM", "OlmoForCausalLM", "HunYuanDenseV1ForCausalLM")
 #: Architectures transformers 5 runs but 0.18's builder takes only as other classes.
 _NOT_BUILT = {
     "Qwen3_5ForCausalLM": "its builder takes only Qwen3_5ForConditionalGeneration "

@@ -166,7 +166,7 @@ def _plan_genai(recipe: Recipe, variant: ExportVariant) -> tuple[str, str]:
     return "onnx-genai", variant.precision
 
 
-@register("export", "onnx-genai", config=ExportVariant, plan=_plan_genai, version=2,
+@register("export", "onnx-genai", config=ExportVariant, plan=_plan_genai, version=3,
           summary="onnxruntime-genai model builder")
 def _build_genai(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages import export

@@ -16,7 +16,8 @@ from serve.runtimes import load_runtime
 from tests.unit.tiny_decoders import build_decoder
 from tests.unit.variant_fixtures import run, write_texts
 
-ARCHS = ["Gemma3", "Qwen3", "Phi3", "SmolLM3"]  # SmolLM3: no no-RoPE layer (see below)
+# SmolLM3: without a no-RoPE layer (see below); HunYuanDenseV1: a graph with position_ids
+ARCHS = ["Gemma3", "Qwen3", "Phi3", "SmolLM3", "HunYuanDenseV1"]
 N_NEW = 20
 
 

@@ -30,6 +30,8 @@ def _config(arch: str, vocab: int):
     if arch == "Phi3":
         return tf.Phi3Config(vocab_size=vocab, original_max_position_embeddings=128,
                              **COMMON)
+    if arch == "HunYuanDenseV1":  # RoPE outside the attention op: a position_ids input
+        return tf.HunYuanDenseV1Config(vocab_size=vocab, head_dim=16, **COMMON)
     raise ValueError(f"no tiny config for {arch}")
 
 
