@@ -17,8 +17,10 @@ from tests.unit.tiny_decoders import build_decoder
 from tests.unit.variant_fixtures import run, write_texts
 
 # SmolLM3: without a no-RoPE layer (see below); HunYuanDenseV1: a graph with position_ids
-ARCHS = ["Gemma3", "Qwen3", "Phi3", "SmolLM3", "HunYuanDenseV1"]
+ARCHS = ["Gemma3", "Gemma2", "Gemma", "Qwen3", "Qwen2", "Mistral", "Phi3", "SmolLM3", "Granite",
+         "HunYuanDenseV1"]
 N_NEW = 20
+EOS = 3  # compress.tiny's </s>
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,8 @@ def _torch_greedy(base, prompt: list[int], n: int) -> list[int]:
 
 
 def _lone_genai(runtime, prompt: list[int], n: int) -> list[int]:
-    """onnxruntime-genai's own generator, one prompt, greedy, exactly ``n`` tokens."""
+    """onnxruntime-genai's own generator, one prompt, greedy, exactly ``n`` tokens (its
+    ``min_length`` masks EOS, as torch's ``min_new_tokens`` does)."""
     og = runtime._og
     params = og.GeneratorParams(runtime.model)
     params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n,
@@ -84,6 +87,10 @@ def test_genai_fp32_equals_torch_greedy(built, arch):
         assert _lone_genai(runtime, prompt, N_NEW) == _torch_greedy(base, prompt, N_NEW)
 
 
+def _greedy(logits) -> int:
+    return int(np.where(np.arange(len(logits)) == EOS, -np.inf, logits).argmax())
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_step_lm_interleaved_equals_lone_generator(built, arch):
     runtime = load_runtime(built[arch][1])
@@ -95,12 +102,12 @@ def test_step_lm_interleaved_equals_lone_generator(built, arch):
     for step in range(60):
         for slot, at in joins.items():
             if at == step:
-                out[slot] = [int(lm.prefill(slot, prompts[slot]).argmax())]
+                out[slot] = [_greedy(lm.prefill(slot, prompts[slot]))]
         live = [s for s in out if len(out[s]) < N_NEW]
         if not live:
             continue
         for slot, row in zip(live, lm.decode(live, [out[s][-1] for s in live]), strict=True):
-            out[slot].append(int(row.argmax()))
+            out[slot].append(_greedy(row))
             if len(out[slot]) == N_NEW:
                 lm.free(slot)
     assert [out[s] for s in range(len(prompts))] == lone
@@ -126,8 +133,9 @@ def _config(tmp_path, **config):
 
 
 @pytest.mark.parametrize(("arch", "words"), [
-    ("Qwen3_5ForCausalLM", "recurrent state"),
+    ("Qwen3_5ForCausalLM", "3-D MRoPE position_ids"),
     ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"),
+    ("OlmoForCausalLM", "differ from transformers 5's"),
     ("FalconForCausalLM", "cannot build architecture FalconForCausalLM"),
 ])
 def test_architectures_the_builder_cannot_take_are_refused_in_one_line(tmp_path, arch, words):

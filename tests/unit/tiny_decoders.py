@@ -30,6 +30,19 @@ def _config(arch: str, vocab: int):
     if arch == "Phi3":
         return tf.Phi3Config(vocab_size=vocab, original_max_position_embeddings=128,
                              **COMMON)
+    if arch == "Mistral":
+        return tf.MistralConfig(vocab_size=vocab, head_dim=16, **COMMON)
+    if arch == "Qwen2":
+        return tf.Qwen2Config(vocab_size=vocab, **COMMON)
+    if arch == "Gemma":
+        return tf.GemmaConfig(vocab_size=vocab, head_dim=16, **COMMON)
+    if arch == "Gemma2":
+        return tf.Gemma2Config(vocab_size=vocab, head_dim=16, sliding_window=16,
+                               query_pre_attn_scalar=16, **COMMON)
+    if arch == "Granite":
+        return tf.GraniteConfig(vocab_size=vocab, **COMMON)
+    if arch == "Olmo":
+        return tf.OlmoConfig(vocab_size=vocab, **COMMON)
     if arch == "HunYuanDenseV1":  # RoPE outside the attention op: a position_ids input
         return tf.HunYuanDenseV1Config(vocab_size=vocab, head_dim=16, **COMMON)
     raise ValueError(f"no tiny config for {arch}")
