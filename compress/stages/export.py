@@ -5,7 +5,8 @@
   inputs: max abs logit difference within a tolerance and, for causal LMs, the same greedy
   continuation token for token.
 * ``convert_fp16`` — an fp32 ONNX model converted to fp16 (I/O kept fp32) for CUDA targets.
-* ``build_genai`` — onnxruntime-genai's model builder, in :mod:`compress.stages.genai_build`.
+* onnxruntime-genai's model builder (format ``onnx-genai``) is in
+  :mod:`compress.stages.genai_build`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ from typing import Any
 
 from compress.errors import InputError, StageFailed
 from compress.models import sample_texts
-from compress.stages.genai_build import (  # noqa: F401  (the genai builder's home)
-    GENAI_ARCHITECTURES,
-    build_genai,
-    check_genai_supported,
-)
 
 log = logging.getLogger(__name__)
 
