@@ -19,6 +19,7 @@ from tests.unit.variant_fixtures import run, write_texts
 # SmolLM3: without a no-RoPE layer (see below); HunYuanDenseV1: a graph with position_ids
 ARCHS = ["Gemma3", "Gemma2", "Gemma", "Qwen3", "Qwen2", "Mistral", "Phi3", "SmolLM3", "Granite",
          "HunYuanDenseV1"]
+INT4 = ["Gemma3", "Qwen3"]
 N_NEW = 20
 EOS = 3  # compress.tiny's </s>
 
@@ -30,6 +31,8 @@ def built(tmp_path_factory):
         root = tmp_path_factory.mktemp(f"genai-{arch}")
         base = build_decoder(arch, root / "base")
         write_texts(root / "eval.jsonl", 6, labels=False)
+        int4 = ("  - {name: genai-int4, kind: export, format: onnx-genai, precision: int4, "
+                "block_size: 16}\n") if arch in INT4 else ""
         folder, records = run(f"""
 name: {arch.lower()}
 task: text-generation
@@ -38,9 +41,12 @@ data: {{eval: {{path: eval.jsonl, label: null}}}}
 gates: {{min_agreement: 0.0, max_metric_drop: 100.0}}
 variants:
   - {{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}}
-""", root)
-        assert records["genai-fp32"].status == "built", records["genai-fp32"].error
+{int4}""", root)
+        for record in records.values():
+            assert record.status == "built", record.error
         out[arch] = (base, folder / "genai-fp32")
+        if int4:
+            out[f"{arch}-int4"] = (base, folder / "genai-int4")
     return out
 
 
@@ -91,7 +97,7 @@ def _greedy(logits) -> int:
     return int(np.where(np.arange(len(logits)) == EOS, -np.inf, logits).argmax())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, *(f"{a}-int4" for a in INT4)])
 def test_step_lm_interleaved_equals_lone_generator(built, arch):
     runtime = load_runtime(built[arch][1])
     lm = runtime.step_lm()
@@ -110,7 +116,11 @@ def test_step_lm_interleaved_equals_lone_generator(built, arch):
             out[slot].append(_greedy(row))
             if len(out[slot]) == N_NEW:
                 lm.free(slot)
-    assert [out[s] for s in range(len(prompts))] == lone
+    got = [out[s] for s in range(len(prompts))]
+    if arch.endswith("int4"):  # batched MatMulNBits rows can flip a near-tie (test_engine.py)
+        assert sum(g == w for g, w in zip(got, lone, strict=True)) >= len(lone) - 1
+    else:
+        assert got == lone
 
 
 def test_config_normalisations_are_in_the_manifest(built):
