@@ -5,6 +5,7 @@ and architectures it cannot build are refused in one line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 
 from compress.stages.genai_build import GenaiBuildError, check_genai_supported
 from serve.artifact import load_artifact
-from serve.runtimes import load_runtime
+from serve.engine import Engine, EngineConfig
+from serve.runtimes import GenerationParams, load_runtime
 from tests.unit.tiny_decoders import build_decoder
 from tests.unit.variant_fixtures import run, write_texts
 
@@ -121,6 +123,37 @@ def test_step_lm_interleaved_equals_lone_generator(built, arch):
         assert sum(g == w for g, w in zip(got, lone, strict=True)) >= len(lone) - 1
     else:
         assert got == lone
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_eight_streams_equal_each_alone(built, arch):
+    runtime = load_runtime(built[arch][1])
+    rng = np.random.default_rng(1)
+    prompts = [[2, *rng.integers(4, 80, size=n).tolist()] for n in (4, 11, 2, 7, 15, 5, 9, 3)]
+    params = GenerationParams(max_new_tokens=N_NEW)
+
+    async def collect(seq) -> tuple[list[int], float, float]:
+        tokens, times = [], []
+        while (event := await seq.queue.get()).token is not None:
+            tokens.append(event.token)
+            times.append(asyncio.get_running_loop().time())
+        return tokens, times[0], times[-1]
+
+    async def main():
+        # no EOS: every request runs its full length, so outputs compare token for token
+        engine = Engine(runtime.step_lm(), set(), EngineConfig(max_running=8))
+        try:
+            alone = [(await collect(engine.submit(p, params)))[0] for p in prompts]
+            together = await asyncio.gather(*(collect(engine.submit(p, params))
+                                              for p in prompts))
+        finally:
+            engine.close()
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert [t[0] for t in together] == alone
+    assert all(len(t[0]) == N_NEW for t in together)
+    assert max(t[1] for t in together) < min(t[2] for t in together)  # they interleaved
 
 
 def test_config_normalisations_are_in_the_manifest(built):
