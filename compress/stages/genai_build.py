@@ -1,9 +1,11 @@
 """onnxruntime-genai 0.18's model builder: the ``onnx-genai`` format.
 
 * ``check_genai_supported`` — one line naming why the builder cannot take a model.
-* ``normalise_config`` — the rewrites of a transformers 5 config that the builder needs
-  (recorded in the manifest): Gemma 3's per-layer-type ``rope_parameters`` flattened,
-  its ``rope_local_base_freq`` restored.
+* ``normalise_config`` / ``_builder_input`` — the rewrites of a transformers 5 config that
+  the builder needs (recorded in the manifest): Gemma 3's per-layer-type
+  ``rope_parameters`` flattened, its ``rope_local_base_freq`` restored; a text-only
+  Qwen3.5 presented as the ``Qwen3_5ForConditionalGeneration`` the builder takes, with
+  MRoPE sections.
 * ``build_genai`` — the builder itself, fp32 / int4 (MatMulNBits), or int8 (the fp32
   build with per-channel dynamic int8 MatMuls, which the builder itself does not offer).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -30,14 +33,10 @@ log = logging.getLogger(__name__)
 GENAI_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                        "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM",
                        "Gemma2ForCausalLM", "Gemma3ForCausalLM", "SmolLM3ForCausalLM",
-                       "GraniteForCausalLM", "HunYuanDenseV1ForCausalLM")
+                       "GraniteForCausalLM", "HunYuanDenseV1ForCausalLM",
+                       "Qwen3_5ForCausalLM")
 #: Architectures transformers 5 runs that 0.18's builder does not give a working model for.
-_QWEN35 = ("a build (as Qwen3_5ForConditionalGeneration, the only class its builder "
-           "takes) does not run on onnxruntime 1.31: RotaryEmbedding rejects its 3-D MRoPE "
-           "position_ids")
 _NOT_BUILT = {
-    "Qwen3_5ForCausalLM": _QWEN35,
-    "Qwen3_5ForConditionalGeneration": _QWEN35,
     "OlmoForCausalLM": "its OLMo graph's log-probs differ from transformers 5's by ~9 "
                        "nats (measured on a tiny model)",
     "Gemma4ForCausalLM": "its builder takes only Gemma4ForConditionalGeneration "
@@ -106,6 +105,48 @@ def normalise_config(config: Any) -> list[str]:
     return notes
 
 
+def _qwen35_mrope_section(text: dict[str, Any]) -> list[int]:
+    """transformers' default MRoPE sections (a text-only Qwen3.5 config may carry none), or
+    three near-equal ones where those do not fit the rotary size; text positions are the
+    same in every section, so any split gives the same rotation."""
+    rope = text.get("rope_parameters") or {}
+    head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    half = int(head * rope.get("partial_rotary_factor", 1.0)) // 2
+    if half == 32:
+        return [11, 11, 10]
+    return [half - 2 * (half // 3), half // 3, half // 3]
+
+
+def _builder_input(src: Path, staging: Path) -> tuple[Path, list[str]]:
+    """The folder the builder reads: ``src``, or for a text-only Qwen3.5 ``staging`` (links
+    to ``src``'s files under a ``Qwen3_5ForConditionalGeneration`` config, the only Qwen3.5
+    class 0.18's builder takes; transformers maps the text checkpoint's weight names)."""
+    config = _read_config(src)
+    if (config.get("architectures") or ["?"])[0] != "Qwen3_5ForCausalLM":
+        return src, []
+    notes = ["architectures: Qwen3_5ForConditionalGeneration (this config nested as its "
+             "text_config, a minimal vision_config the builder does not export)"]
+    text = {k: v for k, v in config.items() if k not in ("architectures",
+                                                         "transformers_version")}
+    rope = dict(text.get("rope_parameters") or {})
+    if "mrope_section" not in rope:
+        rope.update(mrope_section=_qwen35_mrope_section(text), mrope_interleaved=True)
+        text["rope_parameters"] = rope
+        notes.append(f"rope_parameters.mrope_section: {rope['mrope_section']} "
+                     "(interleaved; text positions are the same in every section)")
+    staging.mkdir(parents=True)
+    for path in src.iterdir():
+        if path.name != "config.json":
+            (staging / path.name).symlink_to(path.resolve())
+    (staging / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
+        "text_config": text, "tie_word_embeddings": text.get("tie_word_embeddings", False),
+        "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 16,
+                          "num_heads": 1, "out_hidden_size": text["hidden_size"]}},
+        indent=2))
+    return staging, notes
+
+
 def build_genai(src: Path, dst: Path, precision: str, device: str = "cpu",
                 block_size: int = 32, symmetric: bool = True,
                 algorithm: str | None = None) -> dict[str, Any]:
@@ -138,23 +179,33 @@ def build_genai(src: Path, dst: Path, precision: str, device: str = "cpu",
         if algorithm:
             options["algo_config"] = algorithm
     cache = dst.parent / f"{dst.name}-builder-cache"
+    staging = dst.parent / f"{dst.name}-builder-input"
+    shutil.rmtree(staging, ignore_errors=True)
     buffer = io.StringIO()
     try:
+        builder_src, notes = _builder_input(src, staging)
         # the builder prints progress and tqdm bars: they go to the debug log
         with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
             prepared = parse_extra_options(
-                "", str(src), str(dst), builder_precision, device, str(cache),
+                "", str(builder_src), str(dst), builder_precision, device, str(cache),
                 [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                  for k, v in options.items()])
-            notes = normalise_config(prepared["hf_details"]["hf_config"])
-            create_model("", str(src), str(dst), builder_precision, device, str(cache),
-                         **prepared)
+            notes += normalise_config(prepared["hf_details"]["hf_config"])
+            create_model("", str(builder_src), str(dst), builder_precision, device,
+                         str(cache), **prepared)
     except (ValueError, NotImplementedError, KeyError, AttributeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise GenaiBuildError(f"onnxruntime-genai builder failed: {type(exc).__name__}: "
                               f"{first}") from None
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    if builder_src != src:
+        # the builder re-saves the tokenizer it loads from the staged folder, whose config
+        # can pick another tokenizer class (Qwen3_5Tokenizer): keep the model's own files
+        for path in dst.iterdir():
+            if path.name != "genai_config.json" and (src / path.name).is_file():
+                shutil.copy2(src / path.name, path)
     log.debug("genai builder output: %s", buffer.getvalue()[-2000:])
     details: dict[str, Any] = {"builder": "onnxruntime_genai.models.builder",
                                "builder_precision": builder_precision,

@@ -19,8 +19,9 @@ from tests.unit.tiny_decoders import build_decoder
 from tests.unit.variant_fixtures import run, write_texts
 
 # SmolLM3: without a no-RoPE layer (see below); HunYuanDenseV1: a graph with position_ids
+# Qwen3_5: a hybrid (recurrent state per sequence)
 ARCHS = ["Gemma3", "Gemma2", "Gemma", "Qwen3", "Qwen2", "Mistral", "Phi3", "SmolLM3", "Granite",
-         "HunYuanDenseV1"]
+         "HunYuanDenseV1", "Qwen3_5"]
 INT4 = ["Gemma3", "Qwen3"]
 N_NEW = 20
 EOS = 3  # compress.tiny's </s>
@@ -156,6 +157,16 @@ def test_engine_eight_streams_equal_each_alone(built, arch):
     assert max(t[1] for t in together) < min(t[2] for t in together)  # they interleaved
 
 
+def test_hybrid_state_continues_across_prefill_chunks_and_is_not_prefix_copied(built):
+    runtime = load_runtime(built["Qwen3_5"][1])
+    prompt = _prompts(runtime.step_lm().vocab_size)[3]
+    whole, chunked = runtime.step_lm(), runtime.step_lm()
+    assert whole.chunked_prefill and not whole.copies_kv
+    want = whole.prefill(0, prompt)
+    chunked.prefill(0, prompt[:5])
+    assert np.array_equal(chunked.prefill(0, prompt[5:], start=5), want)
+
+
 def test_config_normalisations_are_in_the_manifest(built):
     def details(arch):
         stages = load_artifact(built[arch][1]).manifest.lineage["stages"]
@@ -166,6 +177,9 @@ def test_config_normalisations_are_in_the_manifest(built):
     assert gemma["config_normalisations"][1].startswith("rope_local_base_freq: 10000.0")
     assert gemma["options"]["windowed_kv_cache"] is False
     assert details("Qwen3")["config_normalisations"] == []
+    qwen35 = details("Qwen3_5")["config_normalisations"]
+    assert qwen35[0].startswith("architectures: Qwen3_5ForConditionalGeneration")
+    assert qwen35[1].startswith("rope_parameters.mrope_section: [2, 0, 0]")
     # the artifact keeps transformers' own config: only the builder saw the rewrite
     assert gemma["check"]["max_logprob_diff"] < 0.02
 
@@ -176,7 +190,6 @@ def _config(tmp_path, **config):
 
 
 @pytest.mark.parametrize(("arch", "words"), [
-    ("Qwen3_5ForCausalLM", "3-D MRoPE position_ids"),
     ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"),
     ("OlmoForCausalLM", "differ from transformers 5's"),
     ("FalconForCausalLM", "cannot build architecture FalconForCausalLM"),

@@ -43,6 +43,11 @@ def _config(arch: str, vocab: int):
         return tf.GraniteConfig(vocab_size=vocab, **COMMON)
     if arch == "Olmo":
         return tf.OlmoConfig(vocab_size=vocab, **COMMON)
+    if arch == "Qwen3_5":  # hybrid: a linear-attention (Gated DeltaNet) and a full layer
+        return tf.Qwen3_5TextConfig(
+            vocab_size=vocab, head_dim=16, layer_types=["linear_attention", "full_attention"],
+            linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+            linear_num_value_heads=2, **COMMON)
     if arch == "HunYuanDenseV1":  # RoPE outside the attention op: a position_ids input
         return tf.HunYuanDenseV1Config(vocab_size=vocab, head_dim=16, **COMMON)
     raise ValueError(f"no tiny config for {arch}")
