@@ -22,7 +22,8 @@ from tests.unit.variant_fixtures import run, write_texts
 # Qwen3_5: a hybrid (recurrent state per sequence)
 ARCHS = ["Gemma3", "Gemma2", "Gemma", "Qwen3", "Qwen2", "Mistral", "Phi3", "SmolLM3", "Granite",
          "HunYuanDenseV1", "Qwen3_5"]
-INT4 = ["Gemma3", "Qwen3"]
+#: Quantized builds served too (int8: the per-row decode of dynamic-int8 graphs)
+QUANTIZED = {"Gemma3": ["int4"], "Qwen3": ["int4"], "Qwen3_5": ["int4", "int8"]}
 N_NEW = 20
 EOS = 3  # compress.tiny's </s>
 
@@ -34,8 +35,9 @@ def built(tmp_path_factory):
         root = tmp_path_factory.mktemp(f"genai-{arch}")
         base = build_decoder(arch, root / "base")
         write_texts(root / "eval.jsonl", 6, labels=False)
-        int4 = ("  - {name: genai-int4, kind: export, format: onnx-genai, precision: int4, "
-                "block_size: 16}\n") if arch in INT4 else ""
+        quantized = "".join(f"  - {{name: genai-{p}, kind: export, format: onnx-genai, "
+                            f"precision: {p}, block_size: 16}}\n"
+                            for p in QUANTIZED.get(arch, []))
         folder, records = run(f"""
 name: {arch.lower()}
 task: text-generation
@@ -44,12 +46,12 @@ data: {{eval: {{path: eval.jsonl, label: null}}}}
 gates: {{min_agreement: 0.0, max_metric_drop: 100.0}}
 variants:
   - {{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}}
-{int4}""", root)
+{quantized}""", root)
         for record in records.values():
             assert record.status == "built", record.error
         out[arch] = (base, folder / "genai-fp32")
-        if int4:
-            out[f"{arch}-int4"] = (base, folder / "genai-int4")
+        for precision in QUANTIZED.get(arch, []):
+            out[f"{arch}-{precision}"] = (base, folder / f"genai-{precision}")
     return out
 
 
@@ -100,7 +102,8 @@ def _greedy(logits) -> int:
     return int(np.where(np.arange(len(logits)) == EOS, -np.inf, logits).argmax())
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, *(f"{a}-int4" for a in INT4)])
+@pytest.mark.parametrize("arch", [*ARCHS, *(f"{a}-{p}" for a, ps in QUANTIZED.items()
+                                             for p in ps)])
 def test_step_lm_interleaved_equals_lone_generator(built, arch):
     runtime = load_runtime(built[arch][1])
     lm = runtime.step_lm()
