@@ -87,7 +87,8 @@ def normalise_config(config: Any) -> list[str]:
     transformers 5 holds Gemma 3's ``rope_parameters`` per layer type
     (``{"full_attention": {...}, "sliding_attention": {...}}``) and folds a checkpoint's
     ``rope_local_base_freq`` into it; 0.18's Gemma 3 builder reads
-    ``rope_parameters["rope_type"]`` (KeyError) and ``rope_local_base_freq``. The config
+    ``rope_parameters["rope_type"]`` (KeyError) and ``rope_local_base_freq``; its Phi-3
+    LongRoPE builder reads ``rope_parameters["type"]``. The config
     on disk is untouched (the builder loads the weights with transformers, which wants
     the nested form).
     """
@@ -102,6 +103,11 @@ def normalise_config(config: Any) -> list[str]:
         if local is not None and getattr(config, "rope_local_base_freq", None) is None:
             config.rope_local_base_freq = local
             notes.append(f"rope_local_base_freq: {local} (the sliding_attention rope_theta)")
+    if (isinstance(rope, dict) and rope.get("rope_type") == "longrope"
+            and "type" not in rope):
+        # 0.18's Phi-3 LongRoPE builder still reads the transformers 4 key ``type``
+        config.rope_parameters = {**rope, "type": "longrope"}
+        notes.append("rope_parameters.type: longrope (the transformers 4 name of rope_type)")
     return notes
 
 

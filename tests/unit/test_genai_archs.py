@@ -20,8 +20,8 @@ from tests.unit.variant_fixtures import run, write_texts
 
 # SmolLM3: without a no-RoPE layer (see below); HunYuanDenseV1: a graph with position_ids
 # Qwen3_5: a hybrid (recurrent state per sequence)
-ARCHS = ["Gemma3", "Gemma2", "Gemma", "Qwen3", "Qwen2", "Mistral", "Phi3", "SmolLM3", "Granite",
-         "HunYuanDenseV1", "Qwen3_5"]
+ARCHS = ["Gemma3", "Gemma2", "Gemma", "Qwen3", "Qwen2", "Mistral", "Phi3", "Phi3LongRoPE",
+         "SmolLM3", "Granite", "HunYuanDenseV1", "Qwen3_5"]
 #: Quantized builds served too (int8: the per-row decode of dynamic-int8 graphs)
 QUANTIZED = {"Gemma3": ["int4"], "Qwen3": ["int4"], "Qwen3_5": ["int4", "int8"]}
 N_NEW = 20
@@ -180,6 +180,8 @@ def test_config_normalisations_are_in_the_manifest(built):
     assert gemma["config_normalisations"][1].startswith("rope_local_base_freq: 10000.0")
     assert gemma["options"]["windowed_kv_cache"] is False
     assert details("Qwen3")["config_normalisations"] == []
+    assert details("Phi3LongRoPE")["config_normalisations"] == [
+        "rope_parameters.type: longrope (the transformers 4 name of rope_type)"]
     qwen35 = details("Qwen3_5")["config_normalisations"]
     assert qwen35[0].startswith("architectures: Qwen3_5ForConditionalGeneration")
     assert qwen35[1].startswith("rope_parameters.mrope_section: [2, 0, 0]")

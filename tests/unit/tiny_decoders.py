@@ -30,6 +30,11 @@ def _config(arch: str, vocab: int):
     if arch == "Phi3":
         return tf.Phi3Config(vocab_size=vocab, original_max_position_embeddings=128,
                              **COMMON)
+    if arch == "Phi3LongRoPE":  # Phi-3 128k / Phi-4-mini style (context 256, original 128)
+        return tf.Phi3Config(vocab_size=vocab, original_max_position_embeddings=128, **{
+            **COMMON, "max_position_embeddings": 256}, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+            "long_factor": [2.0] * 8, "original_max_position_embeddings": 128})
     if arch == "Mistral":
         return tf.MistralConfig(vocab_size=vocab, head_dim=16, **COMMON)
     if arch == "Qwen2":
