@@ -3,9 +3,9 @@
 * ``check_genai_supported`` — one line naming why the builder cannot take a model.
 * ``normalise_config`` / ``_builder_input`` — the rewrites of a transformers 5 config that
   the builder needs (recorded in the manifest): Gemma 3's per-layer-type
-  ``rope_parameters`` flattened, its ``rope_local_base_freq`` restored; a text-only
-  Qwen3.5 presented as the ``Qwen3_5ForConditionalGeneration`` the builder takes, with
-  MRoPE sections.
+  ``rope_parameters`` flattened, its ``rope_local_base_freq`` restored; Phi-3 LongRoPE's
+  ``rope_type`` also under its old key ``type``; a text-only Qwen3.5 presented as the
+  ``Qwen3_5ForConditionalGeneration`` the builder takes, with MRoPE sections.
 * ``build_genai`` — the builder itself, fp32 / int4 (MatMulNBits), or int8 (the fp32
   build with per-channel dynamic int8 MatMuls, which the builder itself does not offer).
 
