@@ -40,8 +40,9 @@ _NOT_BUILT = {
     "OlmoForCausalLM": "its OLMo graph's log-probs differ from transformers 5's by ~9 "
                        "nats (measured on a tiny model)",
     "Gemma4ForCausalLM": "its builder takes only Gemma4ForConditionalGeneration "
-                         "checkpoints (weights under model.language_model) and has no "
-                         "per-layer input embeddings",
+                         "checkpoints, and staged as one it reads head_dim globally, which "
+                         "transformers 5's per-layer Gemma 4 config refuses "
+                         "(AmbiguousGlobalPerLayerAttributeError)",
 }
 
 
