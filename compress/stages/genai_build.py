@@ -5,7 +5,8 @@
   the builder needs (recorded in the manifest): Gemma 3's per-layer-type
   ``rope_parameters`` flattened, its ``rope_local_base_freq`` restored; Phi-3 LongRoPE's
   ``rope_type`` also under its old key ``type``; a text-only Qwen3.5 presented as the
-  ``Qwen3_5ForConditionalGeneration`` the builder takes, with MRoPE sections.
+  ``Qwen3_5ForConditionalGeneration`` the builder takes, with MRoPE sections; SmolLM3's
+  no-RoPE layers built with RoPE, then their attention's rotation switched off.
 * ``build_genai`` — the builder itself, fp32 / int4 (MatMulNBits), or int8 (the fp32
   build with per-channel dynamic int8 MatMuls, which the builder itself does not offer).
 
@@ -21,6 +22,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -67,12 +69,6 @@ def check_genai_supported(src: Path) -> None:
                               f"{_NOT_BUILT[arch]}; {others}")
     if arch not in GENAI_ARCHITECTURES:
         raise GenaiBuildError(f"onnxruntime-genai cannot build architecture {arch}; {others}")
-    if arch == "SmolLM3ForCausalLM" and 0 in (config.get("no_rope_layers") or []):
-        # 0.18's SmolLM3 builder turns a no-RoPE layer into a layer with an external
-        # RoPE op fed by a position_ids input it has removed (KeyError: 'position_ids')
-        raise GenaiBuildError("onnxruntime-genai 0.18's builder cannot build a "
-                              "SmolLM3ForCausalLM with no-RoPE layers (no_rope_layers has "
-                              f"0 entries: it fails on position_ids); {others}")
     heads = config.get("num_attention_heads") or 1
     head_size = config.get("head_dim") or config["hidden_size"] // heads
     if head_size % 16:
@@ -110,6 +106,38 @@ def normalise_config(config: Any) -> list[str]:
         config.rope_parameters = {**rope, "type": "longrope"}
         notes.append("rope_parameters.type: longrope (the transformers 4 name of rope_type)")
     return notes
+
+
+def _rope_in_every_layer(config: Any) -> list[int]:
+    """SmolLM3's no-RoPE layers (``no_rope_layers[i] == 0``), after setting every layer to
+    RoPE in the config object: 0.18's builder turns a no-RoPE layer into one with an
+    external RoPE op fed by a ``position_ids`` input it has removed (KeyError), so the
+    model is built with RoPE everywhere and :func:`_disable_rotary` takes it out again."""
+    flags = list(getattr(config, "no_rope_layers", None) or [])
+    if getattr(config, "model_type", None) != "smollm3" or all(flags):
+        return []
+    config.no_rope_layers = [1] * len(flags)
+    return [i for i, flag in enumerate(flags) if not flag]
+
+
+def _disable_rotary(dst: Path, layers: list[int]) -> None:
+    """Set ``do_rotary=0`` on the GroupQueryAttention of each of ``layers`` in
+    ``dst/model.onnx`` (its weights stay in their external data file)."""
+    import onnx
+
+    model = onnx.load(dst / "model.onnx", load_external_data=False)
+    done = set()
+    for node in model.graph.node:
+        match = re.match(r"/model/layers\.(\d+)/", node.name)
+        if node.op_type == "GroupQueryAttention" and match and int(match[1]) in layers:
+            for attribute in node.attribute:
+                if attribute.name == "do_rotary":
+                    attribute.i = 0
+                    done.add(int(match[1]))
+    if done != set(layers):
+        raise GenaiBuildError(f"onnxruntime-genai build: no fused-RoPE GroupQueryAttention "
+                              f"found for no-RoPE layers {sorted(set(layers) - done)}")
+    onnx.save(model, dst / "model.onnx")
 
 
 def _qwen35_mrope_section(text: dict[str, Any]) -> list[int]:
@@ -198,8 +226,13 @@ def build_genai(src: Path, dst: Path, precision: str, device: str = "cpu",
                 [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                  for k, v in options.items()])
             notes += normalise_config(prepared["hf_details"]["hf_config"])
+            no_rope = _rope_in_every_layer(prepared["hf_details"]["hf_config"])
             create_model("", str(builder_src), str(dst), builder_precision, device,
                          str(cache), **prepared)
+        if no_rope:
+            _disable_rotary(dst, no_rope)
+            notes.append(f"no_rope_layers: built with RoPE in every layer, then "
+                         f"GroupQueryAttention do_rotary=0 in layers {no_rope}")
     except (ValueError, NotImplementedError, KeyError, AttributeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise GenaiBuildError(f"onnxruntime-genai builder failed: {type(exc).__name__}: "

@@ -18,12 +18,13 @@ from serve.runtimes import GenerationParams, load_runtime
 from tests.unit.tiny_decoders import build_decoder
 from tests.unit.variant_fixtures import run, write_texts
 
-# SmolLM3: without a no-RoPE layer (see below); HunYuanDenseV1: a graph with position_ids
+# SmolLM3: layer 1 without RoPE; HunYuanDenseV1: a graph with position_ids input
 # Qwen3_5: a hybrid (recurrent state per sequence)
 ARCHS = ["Gemma3", "Gemma2", "Gemma", "Qwen3", "Qwen2", "Mistral", "Phi3", "Phi3LongRoPE",
          "SmolLM3", "Granite", "HunYuanDenseV1", "Qwen3_5"]
 #: Quantized builds served too (int8: the per-row decode of dynamic-int8 graphs)
-QUANTIZED = {"Gemma3": ["int4"], "Qwen3": ["int4"], "Qwen3_5": ["int4", "int8"]}
+QUANTIZED = {"Gemma3": ["int4"], "Qwen3": ["int4"], "SmolLM3": ["int4"],
+             "Qwen3_5": ["int4", "int8"]}
 N_NEW = 20
 EOS = 3  # compress.tiny's </s>
 
@@ -180,6 +181,9 @@ def test_config_normalisations_are_in_the_manifest(built):
     assert gemma["config_normalisations"][1].startswith("rope_local_base_freq: 10000.0")
     assert gemma["options"]["windowed_kv_cache"] is False
     assert details("Qwen3")["config_normalisations"] == []
+    assert details("SmolLM3")["config_normalisations"] == [
+        "no_rope_layers: built with RoPE in every layer, then GroupQueryAttention "
+        "do_rotary=0 in layers [1]"]
     assert details("Phi3LongRoPE")["config_normalisations"] == [
         "rope_parameters.type: longrope (the transformers 4 name of rope_type)"]
     qwen35 = details("Qwen3_5")["config_normalisations"]
@@ -205,10 +209,3 @@ def test_architectures_the_builder_cannot_take_are_refused_in_one_line(tmp_path,
                                       num_attention_heads=2))
     message = str(info.value)
     assert words in message and "use format: onnx" in message and "\n" not in message
-
-
-def test_smollm3_with_no_rope_layers_is_refused(tmp_path):
-    with pytest.raises(GenaiBuildError, match="no-RoPE layers"):
-        check_genai_supported(_config(tmp_path, architectures=["SmolLM3ForCausalLM"],
-                                      hidden_size=32, num_attention_heads=2,
-                                      no_rope_layers=[1, 1, 1, 0]))

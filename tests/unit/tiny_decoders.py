@@ -26,7 +26,7 @@ def _config(arch: str, vocab: int):
                                    layer_types=["sliding_attention", "full_attention"],
                                    query_pre_attn_scalar=16, **COMMON)
     if arch == "SmolLM3":
-        return tf.SmolLM3Config(vocab_size=vocab, no_rope_layer_interval=4, **COMMON)
+        return tf.SmolLM3Config(vocab_size=vocab, no_rope_layer_interval=2, **COMMON)
     if arch == "Phi3":
         return tf.Phi3Config(vocab_size=vocab, original_max_position_embeddings=128,
                              **COMMON)
