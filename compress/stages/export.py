@@ -7,9 +7,8 @@
   greedy continuation token for token, decoded as a batch by the serving engine's
   :class:`serve.step_lm_onnx.OnnxStepLM`.
 * ``convert_fp16`` — an fp32 ONNX model converted to fp16 (I/O kept fp32) for CUDA targets.
-* ``build_genai`` — onnxruntime-genai's model builder (the deployable LM: fused attention,
-  KV cache managed by its C++ generator), fp32 / int4 (MatMulNBits), or int8 (the fp32
-  build with per-channel dynamic int8 MatMuls, which the builder itself does not offer).
+* onnxruntime-genai's model builder (format ``onnx-genai``) is in
+  :mod:`compress.stages.genai_build`.
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ from compress.models import sample_texts
 
 log = logging.getLogger(__name__)
 
-GENAI_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                       "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM",
-                       "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM")
 #: Files an ONNX artifact keeps besides the graph (tokenizer, configs).
 SIDE_FILES = (".json", ".jinja", ".txt", ".model")
 #: Loggers of the tracer, quiet during an export (their warnings go to the debug log).
@@ -234,70 +230,3 @@ def convert_fp16(src_dir: Path, dst_dir: Path) -> dict[str, Any]:
     onnx.save(half, dst_dir / "model.onnx")
     copy_side_files(src_dir, dst_dir)
     return {"converter": "onnxruntime.transformers.float16", "keep_io_types": True}
-
-
-def check_genai_supported(src: Path) -> None:
-    """Raise ExportError when onnxruntime-genai's builder cannot build this model."""
-    from compress.models import read_json
-
-    config = read_json(src / "config.json")
-    arch = (config.get("architectures") or ["?"])[0]
-    if arch not in GENAI_ARCHITECTURES:
-        raise ExportError(f"onnxruntime-genai cannot build architecture {arch}; "
-                          "use format: onnx (optimum) instead")
-    heads = config.get("num_attention_heads") or 1
-    head_size = config.get("head_dim") or config["hidden_size"] // heads
-    if head_size % 16:
-        raise ExportError(f"onnxruntime-genai's GroupQueryAttention needs a head size that "
-                          f"is a multiple of 16 (this model has {head_size}); use format: "
-                          "onnx (optimum) instead")
-
-
-def build_genai(src: Path, dst: Path, precision: str, device: str = "cpu",
-                block_size: int = 32, symmetric: bool = True,
-                algorithm: str | None = None) -> dict[str, Any]:
-    """Build an onnxruntime-genai model folder with its model builder.
-
-    Args:
-        src: The reference causal LM folder (safetensors + tokenizer).
-        dst: Output folder (``model.onnx`` + data, ``genai_config.json``, tokenizer).
-        precision: ``fp32``, ``fp16`` (CUDA only), ``int8`` or ``int4``.
-        device: ``cpu`` or ``cuda`` (the execution provider the model is built for).
-        block_size: Block size of int4 weight quantization.
-        symmetric: Symmetric int4 quantization.
-        algorithm: The builder's ``int4_algo_config`` (``rtn``, ``k_quant``,
-            ``k_quant_mixed``, ...); None keeps its default RTN.
-
-    Returns:
-        Details for the manifest.
-    """
-    from onnxruntime_genai.models.builder import create_model
-
-    check_genai_supported(src)
-    builder_precision = "fp32" if precision == "int8" else precision
-    options: dict[str, Any] = {"hf_remote": False}
-    if precision == "int4":
-        options.update(int4_block_size=block_size, int4_is_symmetric=symmetric,
-                       int4_accuracy_level=4 if device == "cpu" else 0)
-        if algorithm:
-            options["int4_algo_config"] = algorithm
-    cache = dst.parent / f"{dst.name}-builder-cache"
-    stack, buffer = _quiet()
-    try:
-        with stack:
-            create_model("", str(src), str(dst), builder_precision, device, str(cache),
-                         **options)
-    except (ValueError, NotImplementedError, KeyError) as exc:
-        raise ExportError(f"onnxruntime-genai builder failed: "
-                          f"{str(exc).strip().splitlines()[0][:300]}") from None
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-    log.debug("genai builder output: %s", buffer.getvalue()[-2000:])
-    details: dict[str, Any] = {"builder": "onnxruntime_genai.models.builder",
-                               "builder_precision": builder_precision,
-                               "execution_provider": device, "options": options}
-    if precision == "int8":
-        from compress.stages.quantize import int8_dynamic_inplace
-
-        details["int8"] = int8_dynamic_inplace(dst)
-    return details

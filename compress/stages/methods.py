@@ -173,17 +173,17 @@ def _plan_genai(recipe: Recipe, variant: ExportVariant) -> tuple[str, str]:
     return "onnx-genai", variant.precision
 
 
-@register("export", "onnx-genai", config=ExportVariant, plan=_plan_genai, version=2,
+@register("export", "onnx-genai", config=ExportVariant, plan=_plan_genai, version=3,
           summary="onnxruntime-genai model builder")
 def _build_genai(ctx: BuildContext) -> dict[str, Any]:
-    from compress.stages import export
+    from compress.stages.genai_build import build_genai
     from compress.stages.variants import genai_check
 
     v = ctx.variant
     ctx.report(f"building with onnxruntime-genai ({v.precision}, {v.device}"
                + (f", {v.algorithm}" if v.algorithm else "") + ")")
-    details = export.build_genai(ctx.reference_dir, ctx.dst, v.precision, v.device,
-                                 v.block_size, v.symmetric, v.algorithm)
+    details = build_genai(ctx.reference_dir, ctx.dst, v.precision, v.device,
+                          v.block_size, v.symmetric, v.algorithm)
     details["check"] = genai_check(ctx.reference_dir, ctx.dst, v.precision)
     return details
 
@@ -281,12 +281,12 @@ register("quantize", "int8-bnb", config=NoOptions, plan=_plan_bnb,
 
 def genai_fp32(ctx: BuildContext) -> Path:
     """The onnxruntime-genai fp32 build of the reference, built once into ``OUT/.cache``."""
-    from compress.stages import export
+    from compress.stages.genai_build import build_genai
     from serve.artifact import atomic_dir, tree_digest
 
     folder = ctx.dst.parent / ".cache" / f"genai-fp32-{tree_digest(ctx.reference.files)[:16]}"
     if not (folder / "genai_config.json").is_file():
         ctx.report("building the onnxruntime-genai fp32 model to quantize")
         with atomic_dir(folder) as tmp:
-            export.build_genai(ctx.reference_dir, tmp, "fp32", "cpu")
+            build_genai(ctx.reference_dir, tmp, "fp32", "cpu")
     return folder
