@@ -1,6 +1,6 @@
 """Step-level LM speed: aggregate decode tok/s of ``StepLM`` with 1 vs N slots.
 
-For each LM artifact (torch or optimum-ONNX), through ``runtime.step_lm()``:
+For each LM artifact (torch or ONNX), through ``runtime.step_lm()``:
 
 * ``static`` — N chat prompts prefilled, then ``--tokens`` greedy tokens each, every decode
   step one batched forward over all N slots (EOS ignored: a fixed token count);

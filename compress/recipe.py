@@ -171,9 +171,9 @@ class ExportVariant(Strict):
     """An ONNX export of the reference model.
 
     Attributes:
-        format: ``onnx`` (optimum-onnx, fp32/fp16) or ``onnx-genai`` (onnxruntime-genai
-            model builder, causal LMs only: fp32/int8/int4 on CPU, fp16/int4 on CUDA);
-            any export method registered in ``compress/stages/registry.py``.
+        format: ``onnx`` (transformers' ONNX exporter, fp32/fp16) or ``onnx-genai``
+            (onnxruntime-genai model builder, causal LMs only: fp32/int8/int4 on CPU,
+            fp16/int4 on CUDA); any export method registered in ``compress/stages/registry.py``.
         precision: Weight precision of the exported model.
         device: Execution provider an ``onnx-genai`` model is built for.
         block_size: Block size of int4 weights (``onnx-genai``, precision int4).

@@ -128,7 +128,7 @@ def tree_digest(entries: list[FileEntry]) -> str:
 def environment() -> dict[str, Any]:
     """Library versions and platform, read from package metadata (no heavy imports)."""
     versions = {}
-    for name in ("modelpress", "torch", "transformers", "peft", "optimum-onnx", "onnx",
+    for name in ("modelpress", "torch", "transformers", "peft", "onnxscript", "onnx",
                  "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "bitsandbytes",
                  "bentoml"):
         with contextlib.suppress(metadata.PackageNotFoundError):

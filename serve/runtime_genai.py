@@ -1,10 +1,14 @@
 """onnxruntime-genai runtime: a model-builder folder run by its C++ generation loop.
 
-Text is tokenized and decoded with transformers (onnxruntime-genai 0.11's own tokenizer
-mis-encodes GGUF-derived ``tokenizer.json`` files) and token ids are passed to the
-generator with ``append_tokens``. A batch runs as groups of prompts of equal token length
-(0.11 continues left-padded rows wrongly). Log-probs come from the ``logits`` output of
-the prompt pass, which covers every prompt position.
+Written against onnxruntime-genai 0.18's ``Config`` / ``Model`` / ``GeneratorParams`` /
+``Generator`` API (unchanged from 0.11 in what is used here; the ``Engine`` / ``Request``
+API that changed is not used: the serving engine drives the graph itself, see
+:mod:`serve.step_lm_genai`). Text is tokenized and decoded with transformers
+(onnxruntime-genai 0.11's own tokenizer mis-encodes GGUF-derived ``tokenizer.json``
+files) and token ids are passed to the generator with ``append_tokens``. A batch runs as
+groups of prompts of equal token length (0.11 and 0.18 continue left-padded rows
+wrongly). Log-probs come from the ``logits`` output of the prompt pass, which covers
+every prompt position.
 """
 
 from __future__ import annotations
@@ -172,8 +176,8 @@ class GenaiRuntime:
         self._need_generation()
         if not prompts:
             return []
-        # onnxruntime-genai 0.11 continues left-padded rows wrongly (measured: a padded
-        # row's greedy output differs from the same prompt alone), so prompts are batched
+        # onnxruntime-genai 0.11 and 0.18 continue left-padded rows wrongly (measured: a
+        # padded row's greedy output differs from the same prompt alone), so prompts are batched
         # only with prompts of the same token length.
         encoded = [self._encode([p], params.max_new_tokens)[0][0] for p in prompts]
         groups: dict[int, list[int]] = {}

@@ -1,9 +1,10 @@
-"""ONNX Runtime: an optimum-exported ``model.onnx`` (fp32, fp16, int8, int4) with its tokenizer.
+"""ONNX Runtime: an exported ``model.onnx`` (fp32, fp16, int8, int4) with its tokenizer.
 
-Classification runs a plain ``onnxruntime.InferenceSession`` (CUDA EP when available and
-asked for, else CPU EP). Causal LMs exported with KV cache run through optimum's
-``ORTModelForCausalLM`` so generation, streaming and log-probs share the torch runtime's
-code (transformers ``generate``); the onnxruntime-genai format is faster for LMs.
+Both tasks run a plain ``onnxruntime.InferenceSession`` (CUDA EP when available and asked
+for, else CPU EP). A causal LM (one graph with a KV cache,
+:mod:`compress.stages.onnx_export`) generates, streams and scores through
+:class:`serve.onnx_lm.OrtCausalLM`, whose session the serving engine's step LM shares;
+the onnxruntime-genai format is faster for LMs.
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ class OnnxRuntime:
             self.max_length = min(int(config.get("max_position_embeddings", 512)),
                                   self.tokenizer.model_max_length)
         else:
-            self._lm = _ort_causal_lm(self.path, manifest, self)
+            from serve.onnx_lm import OrtCausalLM
+
+            self._lm = OrtCausalLM(self.path, manifest, self.tokenizer, self.providers,
+                                   session_options())
             self.max_length = self._lm.max_length
             self.eos_ids = self._lm.eos_ids
         log.info("loaded %s (onnx, %s) on %s", self.path, manifest.precision, self.device)
@@ -147,7 +151,7 @@ class OnnxRuntime:
         return results
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
-        """Complete a batch of prompts (optimum ORT model, KV cache)."""
+        """Complete a batch of prompts (KV cache, batched decode steps)."""
         self._need("text-generation")
         return self._lm.generate(prompts, params)
 
@@ -173,43 +177,4 @@ class OnnxRuntime:
     def step_lm(self):
         """A :class:`serve.step_lm.StepLM` driving this runtime's ORT session (shared)."""
         self._need("text-generation")
-        from serve.step_lm import decode_per_row
-        from serve.step_lm_onnx import OnnxStepLM
-
-        return OnnxStepLM(self._lm.model.session, self.max_length,
-                          per_row=decode_per_row(self.manifest))
-
-
-def _ort_causal_lm_class():
-    from serve.runtime_torch import TorchRuntime
-
-    class OrtCausalLM(TorchRuntime):
-        """TorchRuntime's generation code driving optimum's ``ORTModelForCausalLM``."""
-
-        def __init__(self, path: Path, manifest: Manifest, owner: OnnxRuntime):
-            import threading
-
-            import torch
-            from optimum.onnxruntime import ORTModelForCausalLM
-
-            self.path = path
-            self.manifest = manifest
-            self.device = owner.device
-            self._torch = torch
-            self._lock = threading.Lock()
-            try:
-                self.model = ORTModelForCausalLM.from_pretrained(
-                    path, provider=owner.providers[0], session_options=session_options(),
-                    use_cache=True, local_files_only=True)
-            except Exception as exc:  # optimum/ORT raise various types
-                raise ArtifactError(f"{path}: cannot load the ONNX causal LM "
-                                    f"({str(exc).splitlines()[0][:300]})") from None
-            self.tokenizer = owner.tokenizer
-            self.max_length = self._max_length()
-            self._setup_generation()
-
-    return OrtCausalLM
-
-
-def _ort_causal_lm(path: Path, manifest: Manifest, owner: OnnxRuntime):
-    return _ort_causal_lm_class()(path, manifest, owner)
+        return self._lm.step_lm()

@@ -1,13 +1,14 @@
-"""Step-level LM (:class:`serve.step_lm.StepLM`) over an optimum-exported ONNX causal LM.
+"""Step-level LM (:class:`serve.step_lm.StepLM`) over an ONNX causal LM with a KV cache.
 
 Drives the ``onnxruntime.InferenceSession`` that the ONNX runtime already loaded (no second
-copy of the weights) directly, without optimum's ``generate`` loop. The graph exported by
-optimum (``text-generation-with-past``) takes ``input_ids``, ``attention_mask``,
-``position_ids`` and ``past_key_values.N.key/value`` and returns ``logits`` and
-``present.N.key/value`` (past plus the new token), so the left-padded batch layout of
-:class:`serve.step_lm.SlotTable` maps onto it one to one. fp32, fp16, int8 and int4
-(MatMulNBits) exports share these inputs. A dynamic-int8 graph decodes each sequence in a
-forward of its own (``per_row``, :func:`serve.step_lm.decode_per_row`).
+copy of the weights) directly. The graph (:func:`compress.stages.onnx_export.export_causal_lm`,
+or an older optimum-onnx ``text-generation-with-past`` export: the same I/O names) takes
+``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.N.key/value`` and
+returns ``logits`` and ``present.N.key/value`` (past plus the new tokens), so the
+left-padded batch layout of :class:`serve.step_lm.SlotTable` maps onto it one to one.
+fp32, fp16, int8 and int4 (MatMulNBits) graphs share these inputs; layers may differ in
+KV heads and head size (Gemma 4's global layers). A dynamic-int8 graph decodes each
+sequence in a forward of its own (``per_row``, :func:`serve.step_lm.decode_per_row`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _layer_names(names: list[str], pattern: re.Pattern) -> list[tuple[str, str]]
 
 
 class OnnxStepLM:
-    """:class:`serve.step_lm.StepLM` over an optimum ONNX causal LM session.
+    """:class:`serve.step_lm.StepLM` over an ONNX causal LM session (KV cache).
 
     Args:
         session: The loaded ``onnxruntime.InferenceSession`` (shared).
@@ -61,12 +62,14 @@ class OnnxStepLM:
         self._past = _layer_names(list(inputs), _PAST)
         present = _layer_names(outputs, _PRESENT)
         if not self._past or len(present) != len(self._past) or "logits" not in outputs:
-            raise ArtifactError("this ONNX LM has no KV-cache inputs/outputs (export it with "
-                                "task text-generation-with-past)")
+            raise ArtifactError("this ONNX LM has no KV-cache inputs/outputs (past_key_values.N"
+                                ".key/value, present.N.key/value); export it again")
         self._outputs = ["logits"] + [name for pair in present for name in pair]
         first = inputs[self._past[0][0]]
         self._dtype = ORT_DTYPES.get(first.type, np.float32)
-        self._heads, self._head_dim = int(first.shape[1]), int(first.shape[3])
+        # (kv heads, head size) per layer, for an empty cache
+        self._shapes = [(int(inputs[key].shape[1]), int(inputs[key].shape[3]))
+                        for key, _ in self._past]
         self._position_ids = "position_ids" in inputs
         self._branch = "use_cache_branch" in inputs  # older merged decoders
         vocab = session.get_outputs()[0].shape[-1]
@@ -74,9 +77,17 @@ class OnnxStepLM:
         self.table = SlotTable(self.max_length,
                                lambda like, shape: np.zeros(shape, dtype=like.dtype))
 
+    def _empty(self, rows: int) -> list[LayerKV]:
+        out = []
+        for heads, head_dim in self._shapes:
+            empty = np.zeros((rows, heads, 0, head_dim), dtype=self._dtype)
+            out.append((empty, empty))
+        return out
+
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-             past: list[LayerKV]) -> tuple[np.ndarray, list[LayerKV]]:
-        """One forward; last-position logits (float32) and the new cache per layer."""
+             past: list[LayerKV], every: bool = False) -> tuple[np.ndarray, list[LayerKV]]:
+        """One forward; float32 logits of the last position (every position if ``every``)
+        and the new cache per layer."""
         feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
         if self._position_ids:
             feed["position_ids"] = positions
@@ -88,22 +99,26 @@ class OnnxStepLM:
         kv = [(present[2 * i], present[2 * i + 1]) for i in range(len(self._past))]
         if self.vocab_size < 0:
             self.vocab_size = int(logits.shape[-1])
-        return logits[:, -1, :].astype(np.float32), kv
+        return (logits if every else logits[:, -1, :]).astype(np.float32), kv
 
     def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> np.ndarray:
         """Append ``prompt_ids`` to ``slot``'s cache (``start`` tokens held); float32
         next-token logits ``[vocab]``."""
         n = len(prompt_ids)
         self.table.check_prompt(slot, n, start)
-        if start:
-            past = self.table.lone(slot)
-        else:
-            empty = np.zeros((1, self._heads, 0, self._head_dim), dtype=self._dtype)
-            past = [(empty, empty)] * len(self._past)
+        past = self.table.lone(slot) if start else self._empty(1)
         ids = np.asarray([prompt_ids], dtype=np.int64)
         logits, kv = self._run(ids, np.ones((1, start + n), dtype=np.int64),
                                np.arange(start, start + n, dtype=np.int64)[None], past)
         self.table.add(slot, kv, start + n)
+        return logits[0]
+
+    def prompt_logits(self, ids: list[int]) -> np.ndarray:
+        """float32 logits ``[len(ids), vocab]`` of one forward over ``ids`` (an empty
+        cache, no slot used): row ``t`` predicts token ``t + 1``."""
+        row = np.asarray([list(ids)], dtype=np.int64)
+        logits, _ = self._run(row, np.ones_like(row), np.arange(row.shape[1], dtype=np.int64)[None],
+                              self._empty(1), every=True)
         return logits[0]
 
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:

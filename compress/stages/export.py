@@ -1,13 +1,14 @@
-"""Export: the reference model as ONNX (optimum) or as an onnxruntime-genai folder.
+"""Export: the reference model as ONNX or as an onnxruntime-genai folder.
 
-* ``export_onnx`` — optimum-onnx's exporter (``text-classification`` or
-  ``text-generation-with-past``), then a check of ONNX Runtime against torch on sample
-  inputs: max abs logit difference within a tolerance and, for causal LMs, the same greedy
-  continuation token for token.
+* ``export_onnx`` — one ONNX graph traced by transformers' exporter
+  (:mod:`compress.stages.onnx_export`): a sequence classifier, or a causal LM with its KV
+  cache under optimum-onnx's I/O names; then a check of ONNX Runtime against torch on
+  sample inputs: max abs logit difference within a tolerance and, for causal LMs, the same
+  greedy continuation token for token, decoded as a batch by the serving engine's
+  :class:`serve.step_lm_onnx.OnnxStepLM`.
 * ``convert_fp16`` — an fp32 ONNX model converted to fp16 (I/O kept fp32) for CUDA targets.
-* ``build_genai`` — onnxruntime-genai's model builder (the deployable LM: fused attention,
-  KV cache managed by its C++ generator), fp32 / int4 (MatMulNBits), or int8 (the fp32
-  build with per-channel dynamic int8 MatMuls, which the builder itself does not offer).
+* onnxruntime-genai's model builder (format ``onnx-genai``) is in
+  :mod:`compress.stages.genai_build`.
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ from compress.models import sample_texts
 
 log = logging.getLogger(__name__)
 
-OPTIMUM_TASKS = {"text-classification": "text-classification",
-                 "text-generation": "text-generation-with-past"}
-GENAI_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                       "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM",
-                       "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM")
 #: Files an ONNX artifact keeps besides the graph (tokenizer, configs).
 SIDE_FILES = (".json", ".jinja", ".txt", ".model")
+#: Loggers of the tracer, quiet during an export (their warnings go to the debug log).
+TRACER_LOGGERS = ("torch.export", "torch._export", "torch.onnx", "torch._dynamo",
+                  "torch.fx", "transformers")
 
 
 class ExportError(InputError):
@@ -54,11 +53,20 @@ def _quiet():
 
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")
+    for name in TRACER_LOGGERS:
+        logger = logging.getLogger(name)
+        stack.callback(logger.setLevel, logger.level)
+        logger.setLevel(logging.ERROR)
     return stack, buffer
 
 
 def export_onnx(src: Path, dst: Path, task: str) -> dict[str, Any]:
-    """Export a Hugging Face model folder to ONNX with optimum-onnx.
+    """Export a Hugging Face model folder to ONNX (``dst/model.onnx`` + side files).
+
+    A classifier takes ``input_ids``, ``attention_mask`` (+ ``token_type_ids``) and gives
+    ``logits``; a causal LM is one graph with a KV cache (see
+    :func:`compress.stages.onnx_export.export_causal_lm`). Batch, sequence and past axes
+    are dynamic; a graph past 2 GB keeps its weights in ``model.onnx.data``.
 
     Args:
         src: The reference model folder (safetensors + tokenizer).
@@ -66,32 +74,40 @@ def export_onnx(src: Path, dst: Path, task: str) -> dict[str, Any]:
         task: ``text-classification`` or ``text-generation``.
 
     Returns:
-        Details for the manifest (optimum task, opset).
+        Details for the manifest (exporter, opset).
 
     Raises:
-        ExportError: optimum cannot export this architecture for this task.
+        ExportError: the exporter does not take this architecture for this task.
     """
-    from optimum.exporters.onnx import main_export
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    optimum_task = OPTIMUM_TASKS[task]
+    from compress.models import read_json
+    from compress.stages import onnx_export
+
+    try:
+        arch = onnx_export.check_exportable(read_json(src / "config.json"), task)
+    except onnx_export.UnsupportedArchitecture as exc:
+        raise ExportError(str(exc)) from None
+    cls = (AutoModelForSequenceClassification if task == "text-classification"
+           else AutoModelForCausalLM)
     stack, buffer = _quiet()
     try:
         with stack:
-            main_export(str(src), dst, task=optimum_task, do_validation=False,
-                        local_files_only=True, library_name="transformers")
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        first = str(exc).strip().splitlines()[0][:300]
-        raise ExportError(f"optimum cannot export this model for {optimum_task} ({first}); "
-                          "use a torch variant (nf4/int8-bnb) or a supported "
-                          "architecture") from None
-    log.debug("optimum export output: %s", buffer.getvalue()[-2000:])
-    if not (dst / "model.onnx").is_file():
-        raise ExportError(f"optimum exported no model.onnx for {src} ({optimum_task})")
-    import onnx
-
-    opset = max((o.version for o in onnx.load(dst / "model.onnx", load_external_data=False)
-                 .opset_import if o.domain in ("", "ai.onnx")), default=None)
-    return {"exporter": "optimum-onnx", "optimum_task": optimum_task, "opset": opset}
+            model = cls.from_pretrained(src, dtype=torch.float32).eval()
+            program = (onnx_export.export_classifier(model) if task == "text-classification"
+                       else onnx_export.export_causal_lm(model))
+    except onnx_export.UnsupportedArchitecture as exc:
+        raise ExportError(str(exc)) from None
+    except Exception as exc:  # torch.export / onnxscript raise many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ExportError(f"format onnx could not export {arch} for {task} ({first}); "
+                          "use a torch variant (nf4/int8-bnb)") from None
+    log.debug("exporter output: %s", buffer.getvalue()[-2000:])
+    onnx_export.save(program, dst)
+    copy_side_files(src, dst)
+    return {"exporter": onnx_export.EXPORTER, "opset": onnx_export.opset(program),
+            "architecture": arch}
 
 
 def _session(model: Path):
@@ -156,36 +172,44 @@ def greedy_torch(torch_dir: Path, prompts: list[str], max_new_tokens: int) -> li
 
 def check_causal_lm(torch_dir: Path, onnx_dir: Path, tolerance: float, n: int = 4,
                     max_new_tokens: int = 12) -> dict[str, Any]:
-    """Compare optimum's ORT causal LM with torch: logits and greedy continuations.
+    """Compare the ONNX causal LM with torch: logits and greedy continuations.
+
+    The logits are those of each whole prompt (an empty past); the greedy continuations
+    are decoded for all ``n`` prompts together by :class:`serve.step_lm_onnx.OnnxStepLM`
+    (left-padded batch rows, KV cache), and must equal torch's, prompt by prompt.
 
     Raises:
         StageFailed: a logit difference above ``tolerance`` or a different continuation.
     """
     import numpy as np
     import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serve.step_lm_onnx import OnnxStepLM
 
     tok = AutoTokenizer.from_pretrained(onnx_dir)
     prompts = sample_texts(n)
-    ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir, provider="CPUExecutionProvider")
+    session = _session(onnx_dir / "model.onnx")
     model = AutoModelForCausalLM.from_pretrained(torch_dir, dtype=torch.float32).eval()
+    rows = [tok(prompt)["input_ids"] for prompt in prompts]
+    step = OnnxStepLM(session, max(len(r) for r in rows) + max_new_tokens + 1)
     diff = limit = 0.0
-    same = 0
-    for prompt, ref_ids in zip(prompts, greedy_torch(torch_dir, prompts, max_new_tokens),
-                               strict=True):
-        ids = tok(prompt, return_tensors="pt")
+    for row in rows:
         with torch.no_grad():
-            ref = model(**ids).logits.double().numpy()
-            got = ort_model(**ids).logits.double().numpy()
-            seq = ort_model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                     min_new_tokens=max_new_tokens,
-                                     pad_token_id=tok.pad_token_id or tok.eos_token_id)
+            ref = model(input_ids=torch.tensor([row])).logits[0].double().numpy()
+        got = step.prompt_logits(row).astype(np.float64)
         if not np.isfinite(got).all():
             raise StageFailed("ONNX Runtime logits contain NaN/inf")
         diff = max(diff, float(np.abs(got - ref).max()))
         limit = max(limit, tolerance * max(1.0, float(np.abs(ref).max())))
-        same += seq[0, ids["input_ids"].shape[1]:].tolist() == ref_ids
+    greedy = [[int(np.argmax(step.prefill(slot, row)))] for slot, row in enumerate(rows)]
+    slots = list(range(len(rows)))
+    for _ in range(max_new_tokens - 1):
+        logits = step.decode(slots, [g[-1] for g in greedy])
+        for out, row in zip(greedy, logits, strict=True):
+            out.append(int(np.argmax(row)))
+    same = sum(got == ref for got, ref in zip(
+        greedy, greedy_torch(torch_dir, prompts, max_new_tokens), strict=True))
     if diff > limit or same < n:
         raise StageFailed(f"ONNX Runtime differs from torch: max logit diff {diff:.3g} "
                           f"(allowed {limit:.3g}), identical greedy continuations "
@@ -206,70 +230,3 @@ def convert_fp16(src_dir: Path, dst_dir: Path) -> dict[str, Any]:
     onnx.save(half, dst_dir / "model.onnx")
     copy_side_files(src_dir, dst_dir)
     return {"converter": "onnxruntime.transformers.float16", "keep_io_types": True}
-
-
-def check_genai_supported(src: Path) -> None:
-    """Raise ExportError when onnxruntime-genai's builder cannot build this model."""
-    from compress.models import read_json
-
-    config = read_json(src / "config.json")
-    arch = (config.get("architectures") or ["?"])[0]
-    if arch not in GENAI_ARCHITECTURES:
-        raise ExportError(f"onnxruntime-genai cannot build architecture {arch}; "
-                          "use format: onnx (optimum) instead")
-    heads = config.get("num_attention_heads") or 1
-    head_size = config.get("head_dim") or config["hidden_size"] // heads
-    if head_size % 16:
-        raise ExportError(f"onnxruntime-genai's GroupQueryAttention needs a head size that "
-                          f"is a multiple of 16 (this model has {head_size}); use format: "
-                          "onnx (optimum) instead")
-
-
-def build_genai(src: Path, dst: Path, precision: str, device: str = "cpu",
-                block_size: int = 32, symmetric: bool = True,
-                algorithm: str | None = None) -> dict[str, Any]:
-    """Build an onnxruntime-genai model folder with its model builder.
-
-    Args:
-        src: The reference causal LM folder (safetensors + tokenizer).
-        dst: Output folder (``model.onnx`` + data, ``genai_config.json``, tokenizer).
-        precision: ``fp32``, ``fp16`` (CUDA only), ``int8`` or ``int4``.
-        device: ``cpu`` or ``cuda`` (the execution provider the model is built for).
-        block_size: Block size of int4 weight quantization.
-        symmetric: Symmetric int4 quantization.
-        algorithm: The builder's ``int4_algo_config`` (``rtn``, ``k_quant``,
-            ``k_quant_mixed``, ...); None keeps its default RTN.
-
-    Returns:
-        Details for the manifest.
-    """
-    from onnxruntime_genai.models.builder import create_model
-
-    check_genai_supported(src)
-    builder_precision = "fp32" if precision == "int8" else precision
-    options: dict[str, Any] = {"hf_remote": False}
-    if precision == "int4":
-        options.update(int4_block_size=block_size, int4_is_symmetric=symmetric,
-                       int4_accuracy_level=4 if device == "cpu" else 0)
-        if algorithm:
-            options["int4_algo_config"] = algorithm
-    cache = dst.parent / f"{dst.name}-builder-cache"
-    stack, buffer = _quiet()
-    try:
-        with stack:
-            create_model("", str(src), str(dst), builder_precision, device, str(cache),
-                         **options)
-    except (ValueError, NotImplementedError, KeyError) as exc:
-        raise ExportError(f"onnxruntime-genai builder failed: "
-                          f"{str(exc).strip().splitlines()[0][:300]}") from None
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-    log.debug("genai builder output: %s", buffer.getvalue()[-2000:])
-    details: dict[str, Any] = {"builder": "onnxruntime_genai.models.builder",
-                               "builder_precision": builder_precision,
-                               "execution_provider": device, "options": options}
-    if precision == "int8":
-        from compress.stages.quantize import int8_dynamic_inplace
-
-        details["int8"] = int8_dynamic_inplace(dst)
-    return details

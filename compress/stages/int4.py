@@ -23,6 +23,7 @@ quantizes Gather to 4 bits only).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -253,7 +254,7 @@ def quantize_graph(model, options, reader=None) -> tuple[Any, dict[str, Any]]:
 class LMCalibrationReader:
     """Feeds tokenized calibration texts to an LM graph (prefill, empty KV cache).
 
-    Works for optimum's and onnxruntime-genai's decoder graphs: ``input_ids``,
+    Works for the ``format: onnx`` and onnxruntime-genai decoder graphs: ``input_ids``,
     ``attention_mask``, optional ``position_ids`` and ``past_key_values.*`` inputs (given
     with a past length of 0).
     """
@@ -266,6 +267,10 @@ class LMCalibrationReader:
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        genai_config = Path(onnx_path).parent / "genai_config.json"
+        # onnxruntime-genai 0.18 leaves the head size symbolic (``kv_cache_dim``)
+        head_size = (json.loads(genai_config.read_text())["model"]["decoder"]["head_size"]
+                     if genai_config.is_file() else 0)
         self._feeds = []
         for text in texts:
             ids = tok(text, truncation=True, max_length=max_length,
@@ -281,6 +286,7 @@ class LMCalibrationReader:
                 elif inp.name.startswith("past_key_values"):
                     shape = [d if isinstance(d, int) else 0 for d in inp.shape]
                     shape[0] = 1
+                    shape[3] = shape[3] or head_size
                     dtype = np.float16 if "float16" in inp.type else np.float32
                     feed[inp.name] = np.zeros(shape, dtype)
             self._feeds.append(feed)

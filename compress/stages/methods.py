@@ -1,8 +1,8 @@
 """The built-in variant methods, each one ``@register`` entry (see ``registry.py``).
 
-``kind: export`` — ``onnx`` (optimum, fp32/fp16) and ``onnx-genai`` (onnxruntime-genai
-builder). ``kind: quantize`` — ``int8-dynamic``, ``int8-static`` (ONNX Runtime),
-``int4-weight-only`` (MatMulNBits with a registered int4 algorithm, see ``int4.py``),
+``kind: export`` — ``onnx`` (transformers' ONNX exporter, fp32/fp16) and ``onnx-genai``
+(onnxruntime-genai builder). ``kind: quantize`` — ``int8-dynamic``, ``int8-static`` (ONNX
+Runtime), ``int4-weight-only`` (MatMulNBits with a registered int4 algorithm, see ``int4.py``),
 ``nf4`` and ``int8-bnb`` (bitsandbytes).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from compress.errors import InputError
 from compress.recipe import ExportVariant, Recipe, Strict
@@ -59,9 +59,10 @@ class Int4Options(Strict):
             None: the algorithm's default (rtn symmetric, gptq asymmetric).
         accuracy_level: MatMulNBits compute type on CPU (4: int8 activations, fastest;
             1: fp32).
-        graph: Which fp32 graph is quantized: ``optimum`` (optimum-onnx export, served by
-            ONNX Runtime) or ``genai`` (the onnxruntime-genai builder's fp32 model, served
-            by its C++ generator; text-generation only).
+        graph: Which fp32 graph is quantized: ``onnx`` (the ``format: onnx`` export,
+            served by ONNX Runtime; ``optimum``, its name before optimum was dropped, is
+            read as ``onnx``) or ``genai`` (the onnxruntime-genai builder's fp32 model,
+            served by its C++ generator; text-generation only).
         int8_lm_head: Quantize the LM head to 8 bits instead of 4.
         embeddings: ``int4`` quantizes the embedding table (GatherBlockQuantized; ORT
             quantizes Gather to 4 bits only), ``fp32`` keeps it.
@@ -89,7 +90,7 @@ class Int4Options(Strict):
     block_size: int = Field(default=32, ge=16)
     symmetric: bool | None = None
     accuracy_level: int = Field(default=4, ge=0, le=4)
-    graph: Literal["optimum", "genai"] = "optimum"
+    graph: Literal["onnx", "genai"] = "onnx"
     int8_lm_head: bool = False
     embeddings: Literal["fp32", "int4"] = "fp32"
     gguf_blocks: bool = True
@@ -101,6 +102,12 @@ class Int4Options(Strict):
     percdamp: float = Field(default=0.01, gt=0)
     actorder: bool = False
     calibration_max_length: int = Field(default=128, gt=1)
+
+    @field_validator("graph", mode="before")
+    @classmethod
+    def _old_graph_name(cls, value: Any) -> Any:
+        # recipes written for the optimum-onnx stack name the same graph ``optimum``
+        return "onnx" if value == "optimum" else value
 
     @model_validator(mode="after")
     def _check(self) -> Int4Options:
@@ -125,7 +132,7 @@ def _plan_onnx(recipe: Recipe, variant: ExportVariant) -> tuple[str, str]:
 
 
 @register("export", "onnx", config=ExportVariant, plan=_plan_onnx,
-          summary="optimum-onnx export, fp32 or fp16")
+          summary="ONNX export (transformers' exporter), fp32 or fp16")
 def _build_onnx(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages import export
     from compress.stages.variants import fp32_onnx
@@ -166,17 +173,17 @@ def _plan_genai(recipe: Recipe, variant: ExportVariant) -> tuple[str, str]:
     return "onnx-genai", variant.precision
 
 
-@register("export", "onnx-genai", config=ExportVariant, plan=_plan_genai, version=2,
+@register("export", "onnx-genai", config=ExportVariant, plan=_plan_genai, version=3,
           summary="onnxruntime-genai model builder")
 def _build_genai(ctx: BuildContext) -> dict[str, Any]:
-    from compress.stages import export
+    from compress.stages.genai_build import build_genai
     from compress.stages.variants import genai_check
 
     v = ctx.variant
     ctx.report(f"building with onnxruntime-genai ({v.precision}, {v.device}"
                + (f", {v.algorithm}" if v.algorithm else "") + ")")
-    details = export.build_genai(ctx.reference_dir, ctx.dst, v.precision, v.device,
-                                 v.block_size, v.symmetric, v.algorithm)
+    details = build_genai(ctx.reference_dir, ctx.dst, v.precision, v.device,
+                          v.block_size, v.symmetric, v.algorithm)
     details["check"] = genai_check(ctx.reference_dir, ctx.dst, v.precision)
     return details
 
@@ -274,12 +281,12 @@ register("quantize", "int8-bnb", config=NoOptions, plan=_plan_bnb,
 
 def genai_fp32(ctx: BuildContext) -> Path:
     """The onnxruntime-genai fp32 build of the reference, built once into ``OUT/.cache``."""
-    from compress.stages import export
+    from compress.stages.genai_build import build_genai
     from serve.artifact import atomic_dir, tree_digest
 
     folder = ctx.dst.parent / ".cache" / f"genai-fp32-{tree_digest(ctx.reference.files)[:16]}"
     if not (folder / "genai_config.json").is_file():
         ctx.report("building the onnxruntime-genai fp32 model to quantize")
         with atomic_dir(folder) as tmp:
-            export.build_genai(ctx.reference_dir, tmp, "fp32", "cpu")
+            build_genai(ctx.reference_dir, tmp, "fp32", "cpu")
     return folder

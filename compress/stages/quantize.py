@@ -114,7 +114,7 @@ def int8_static(src_dir: Path, dst_dir: Path, texts: list[str], method: str) -> 
 def int4_weight_only(ctx) -> dict[str, Any]:
     """4-bit weight-only quantization into MatMulNBits with the variant's int4 algorithm.
 
-    Starts from the fp32 optimum export (``graph: optimum``) or the onnxruntime-genai fp32
+    Starts from the fp32 ONNX export (``graph: onnx``) or the onnxruntime-genai fp32
     build (``graph: genai``); when the base is a GGUF and ``gguf_blocks`` is on, MatMuls
     whose weights its Q4_0/Q4_1 blocks reproduce exactly take those blocks first.
 

@@ -95,7 +95,7 @@ def fp32_onnx(reference_dir: Path, reference: Manifest, out: Path,
     record = folder / "export.json"
     if record.is_file():
         return folder, json.loads(record.read_text())
-    report("exporting the reference to ONNX fp32 (optimum)")
+    report("exporting the reference to ONNX fp32")
     with atomic_dir(folder) as tmp:
         details = export.export_onnx(reference_dir, tmp, reference.task)
         report("checking ONNX Runtime against torch")

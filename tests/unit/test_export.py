@@ -164,5 +164,5 @@ data: {{eval: {{path: eval.jsonl}}}}
 variants: [{{name: onnx-fp32, kind: export}}]
 """, tmp_path)
     error = records["onnx-fp32"].error
-    assert "variant onnx-fp32" in error and "optimum cannot export" in error
-    assert "fnet" in error
+    assert "variant onnx-fp32" in error and "format onnx cannot export" in error
+    assert "FNetForSequenceClassification" in error

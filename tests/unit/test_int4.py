@@ -82,7 +82,7 @@ def test_manifest_records_calibration_and_mixed_precision(lm):
     assert genai.lineage["stages"][-1]["details"]["quantization"]["int8_nodes"] == [
         "/lm_head/MatMul"]
     builder = load_artifact(out / "genai-kquant").manifest.lineage["stages"][-1]["details"]
-    assert builder["options"]["int4_algo_config"] == "k_quant"
+    assert builder["options"]["algo_config"] == "k_quant"  # 0.18 name (int4_ prefix deprecated)
 
 
 def test_k_quant_with_odd_block_count_is_refused_by_name(lm):
