@@ -30,7 +30,7 @@ from typing import Any
 
 from compress.errors import InputError
 from compress.recipe import Recipe
-from compress.stages.base import STAGE_VERSIONS, StageContext, stage_function
+from compress.stages.base import STAGE_VERSIONS, StageContext, StageResult
 from serve.artifact import (
     ArtifactError,
     Manifest,
@@ -46,6 +46,20 @@ from serve.errors import ModelpressError
 log = logging.getLogger(__name__)
 
 Report = Callable[[str], None]
+StageFn = Callable[[Any, Path, Path, StageContext], StageResult]
+
+
+def stage_function(kind: str) -> StageFn:
+    """Return the function implementing a stage kind (imported lazily)."""
+    if kind == "merge":
+        from compress.stages.merge import merge
+
+        return merge
+    if kind == "distill":
+        from compress.stages.distill import distill
+
+        return distill
+    raise KeyError(kind)
 
 
 @dataclass

@@ -1,10 +1,9 @@
-"""What every stage shares: its context, its result, and the registry of stage kinds."""
+"""What every stage shares: its context, its result and the stage versions."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from compress.recipe import Recipe
@@ -42,20 +41,5 @@ class StageResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-StageFn = Callable[[Any, Path, Path, StageContext], StageResult]
-
 #: Bumped when a stage's behaviour changes so old cached outputs are not reused.
 STAGE_VERSIONS: dict[str, int] = {"merge": 1, "distill": 1}
-
-
-def stage_function(kind: str) -> StageFn:
-    """Return the function implementing a stage kind (imported lazily)."""
-    if kind == "merge":
-        from compress.stages.merge import merge
-
-        return merge
-    if kind == "distill":
-        from compress.stages.distill import distill
-
-        return distill
-    raise KeyError(kind)

@@ -252,7 +252,21 @@ def build_genai(src: Path, dst: Path, precision: str, device: str = "cpu",
                                "execution_provider": device, "options": options,
                                "config_normalisations": notes}
     if precision == "int8":
-        from compress.stages.quantize import int8_dynamic_inplace
 
         details["int8"] = int8_dynamic_inplace(dst)
     return details
+
+
+def int8_dynamic_inplace(folder: Path) -> dict[str, Any]:
+    """Quantize ``folder/model.onnx`` (+ external data) to dynamic int8 MatMuls in place."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = folder / "model.onnx"
+    tmp = folder / "model.int8.onnx"
+    quantize_dynamic(src, tmp, per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul"])
+    for data in folder.glob("model.onnx.data"):
+        data.unlink()
+    tmp.replace(src)
+    return {"tool": "onnxruntime.quantization.quantize_dynamic", "per_channel": True,
+            "weight_type": "QInt8", "op_types_to_quantize": ["MatMul"]}

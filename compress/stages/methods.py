@@ -13,25 +13,18 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from compress.errors import InputError
 from compress.recipe import ExportVariant, Recipe, Strict
 from compress.stages.registry import BuildContext, register
+from compress.stages.variant_inputs import (
+    VariantError,
+    calibration_texts,
+    cuda_available,
+    fp32_onnx,
+    genai_check,
+)
 
 #: GGUF block types the exact import writes into MatMulNBits by default (``gguf_rows``).
 GGUF_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
-
-
-class VariantError(InputError):
-    """A variant cannot be built as declared (task, method, data or device)."""
-
-
-def cuda_available() -> bool:
-    """True when torch sees a CUDA device."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
 
 
 class NoOptions(Strict):
@@ -135,7 +128,6 @@ def _plan_onnx(recipe: Recipe, variant: ExportVariant) -> tuple[str, str]:
           summary="ONNX export (transformers' exporter), fp32 or fp16")
 def _build_onnx(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages import export
-    from compress.stages.variants import fp32_onnx
 
     src, details = fp32_onnx(ctx.reference_dir, ctx.reference, ctx.dst.parent, ctx.report)
     base: dict[str, Any] = {"export": details}
@@ -177,7 +169,6 @@ def _plan_genai(recipe: Recipe, variant: ExportVariant) -> tuple[str, str]:
           summary="onnxruntime-genai model builder")
 def _build_genai(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages.genai_build import build_genai
-    from compress.stages.variants import genai_check
 
     v = ctx.variant
     ctx.report(f"building with onnxruntime-genai ({v.precision}, {v.device}"
@@ -206,19 +197,10 @@ def _plan_static(recipe: Recipe, variant: Any) -> tuple[str, str]:
     return "onnx", variant.method
 
 
-def calibration_texts(recipe: Recipe, default: int = 128) -> list[str]:
-    """The texts of ``data.calibration`` (its ``samples`` first ones)."""
-    from compress.data import load_examples
-
-    spec = recipe.data.calibration
-    return [e.text for e in load_examples(spec, limit=spec.samples or default)]
-
-
 @register("quantize", "int8-dynamic", config=NoOptions, plan=_plan_onnx_quantize,
           summary="ONNX Runtime dynamic int8, per-channel")
 def _build_int8_dynamic(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages import quantize
-    from compress.stages.variants import fp32_onnx
 
     src, details = fp32_onnx(ctx.reference_dir, ctx.reference, ctx.dst.parent, ctx.report)
     ctx.report("quantizing: int8 dynamic (per-channel)")
@@ -229,7 +211,6 @@ def _build_int8_dynamic(ctx: BuildContext) -> dict[str, Any]:
           summary="ONNX Runtime static int8 QDQ, calibrated")
 def _build_int8_static(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages import quantize
-    from compress.stages.variants import fp32_onnx
 
     src, details = fp32_onnx(ctx.reference_dir, ctx.reference, ctx.dst.parent, ctx.report)
     texts = calibration_texts(ctx.recipe)
@@ -277,16 +258,3 @@ register("quantize", "nf4", config=NoOptions, plan=_plan_bnb,
          summary="bitsandbytes NF4 (torch)")(_build_bnb)
 register("quantize", "int8-bnb", config=NoOptions, plan=_plan_bnb,
          summary="bitsandbytes LLM.int8 (torch)")(_build_bnb)
-
-
-def genai_fp32(ctx: BuildContext) -> Path:
-    """The onnxruntime-genai fp32 build of the reference, built once into ``OUT/.cache``."""
-    from compress.stages.genai_build import build_genai
-    from serve.artifact import atomic_dir, tree_digest
-
-    folder = ctx.dst.parent / ".cache" / f"genai-fp32-{tree_digest(ctx.reference.files)[:16]}"
-    if not (folder / "genai_config.json").is_file():
-        ctx.report("building the onnxruntime-genai fp32 model to quantize")
-        with atomic_dir(folder) as tmp:
-            build_genai(ctx.reference_dir, tmp, "fp32", "cpu")
-    return folder

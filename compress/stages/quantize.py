@@ -42,21 +42,6 @@ def int8_dynamic(src_dir: Path, dst_dir: Path) -> dict[str, Any]:
                          "int8 Gather + DequantizeLinear (embeddings)"}
 
 
-def int8_dynamic_inplace(folder: Path) -> dict[str, Any]:
-    """Quantize ``folder/model.onnx`` (+ external data) to dynamic int8 MatMuls in place."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    src = folder / "model.onnx"
-    tmp = folder / "model.int8.onnx"
-    quantize_dynamic(src, tmp, per_channel=True, weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul"])
-    for data in folder.glob("model.onnx.data"):
-        data.unlink()
-    tmp.replace(src)
-    return {"tool": "onnxruntime.quantization.quantize_dynamic", "per_channel": True,
-            "weight_type": "QInt8", "op_types_to_quantize": ["MatMul"]}
-
-
 class _TextReader:
     """Feeds tokenized calibration texts one at a time to the ORT calibrator."""
 
@@ -128,8 +113,7 @@ def int4_weight_only(ctx) -> dict[str, Any]:
     import onnx
 
     from compress.stages import int4
-    from compress.stages.methods import calibration_texts, genai_fp32
-    from compress.stages.variants import fp32_onnx
+    from compress.stages.variant_inputs import calibration_texts, fp32_onnx, genai_fp32
 
     options = ctx.options
     base: dict[str, Any] = {}

@@ -26,10 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compress.errors import StageFailed, VariantFailed
+from compress.errors import VariantFailed
 from compress.recipe import Recipe
 from compress.stages import registry
-from compress.stages.methods import VariantError, cuda_available
 from serve.artifact import (
     ArtifactError,
     Manifest,
@@ -45,14 +44,9 @@ log = logging.getLogger(__name__)
 
 VARIANT_VERSION = 2
 WEIGHT_SUFFIXES = (".onnx", ".data", ".onnx_data", ".safetensors")
-#: Export check tolerance, relative to the largest reference logit (at least 1).
-FP32_TOLERANCE = 1e-3
-GENAI_FP32_LOGPROB_TOL = 0.02
-
 _reference_predictions: dict[str, Any] = {}
 
-__all__ = ["VariantError", "VariantFailed", "build_variant", "cuda_available", "fp32_onnx",
-           "genai_check", "variant_plan"]
+__all__ = ["VariantFailed", "build_variant", "variant_plan"]
 
 
 def variant_plan(recipe: Recipe, variant: Any) -> tuple[str, str]:
@@ -61,7 +55,7 @@ def variant_plan(recipe: Recipe, variant: Any) -> tuple[str, str]:
     The check is the registered method's ``plan`` (``compress/stages/methods.py``).
 
     Raises:
-        VariantError: naming the variant and what to change.
+        compress.stages.variant_inputs.VariantError: naming the variant and what to change.
     """
     return registry.method_of(variant).plan(recipe, variant)
 
@@ -84,66 +78,6 @@ def _cache_key(recipe: Recipe, variant: Any, reference: Manifest) -> str:
         parts.append(None if spec is None else
                      [spec.model_dump(mode="json", exclude={"path"}), _file_digest(spec.path)])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def fp32_onnx(reference_dir: Path, reference: Manifest, out: Path,
-              report: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
-    """The checked fp32 ONNX export of the reference, built once into ``OUT/.cache``."""
-    from compress.stages import export
-
-    folder = out / ".cache" / f"onnx-fp32-{tree_digest(reference.files)[:16]}"
-    record = folder / "export.json"
-    if record.is_file():
-        return folder, json.loads(record.read_text())
-    report("exporting the reference to ONNX fp32")
-    with atomic_dir(folder) as tmp:
-        details = export.export_onnx(reference_dir, tmp, reference.task)
-        report("checking ONNX Runtime against torch")
-        if reference.task == "text-classification":
-            details["check"] = export.check_classifier(reference_dir, tmp, FP32_TOLERANCE)
-        else:
-            details["check"] = export.check_causal_lm(reference_dir, tmp, FP32_TOLERANCE)
-        (tmp / "export.json").write_text(json.dumps(details, indent=2))
-    return folder, details
-
-
-def genai_check(reference_dir: Path, folder: Path, precision: str) -> dict[str, Any]:
-    """Next-token log-probs and greedy continuations of the genai model against torch.
-
-    For fp32 the log-probs must agree within ``GENAI_FP32_LOGPROB_TOL`` nats (greedy
-    continuations of a deep model can flip on near-ties of fused vs unfused kernels, so
-    their identity rate is recorded, not required).
-    """
-    import numpy as np
-
-    from compress.models import sample_texts
-    from compress.stages.export import greedy_torch
-    from serve.runtime_genai import GenaiRuntime
-    from serve.runtime_torch import TorchRuntime
-    from serve.runtimes import GenerationParams
-
-    prompts, n_new = sample_texts(4), 12
-    runtime = GenaiRuntime(folder, Manifest(name="check", task="text-generation",
-                                            format="onnx-genai", precision=precision), "cpu")
-    torch_rt = TorchRuntime(reference_dir, Manifest(name="reference", task="text-generation",
-                                                    format="torch", precision="fp32"), "cpu")
-    diff = 0.0
-    for (ids_t, lp_t), (ids_g, lp_g) in zip(torch_rt.next_token_logprobs(prompts),
-                                            runtime.next_token_logprobs(prompts), strict=True):
-        if not np.array_equal(ids_t, ids_g):
-            raise StageFailed("onnxruntime-genai model tokenizes differently from torch")
-        diff = max(diff, float(np.abs(lp_t - lp_g).max()))
-    same = 0
-    for prompt, ids in zip(prompts, greedy_torch(reference_dir, prompts, n_new), strict=True):
-        expected, _, _ = runtime._finish(ids, GenerationParams(max_new_tokens=n_new))
-        got = runtime.generate([prompt], GenerationParams(max_new_tokens=n_new))[0].text
-        same += got == expected
-    result = {"max_logprob_diff": diff, "greedy_identical": same / len(prompts),
-              "samples": len(prompts), "max_new_tokens": n_new}
-    if precision == "fp32" and diff > GENAI_FP32_LOGPROB_TOL:
-        raise StageFailed(f"onnxruntime-genai fp32 log-probs differ from torch by {diff:.3g} "
-                          f"nats (allowed {GENAI_FP32_LOGPROB_TOL})")
-    return result
 
 
 def build_variant(recipe: Recipe, variant: Any, reference_dir: Path, dst: Path,
