@@ -47,8 +47,9 @@ def measure(artifact: str, per_row: bool, prompts: int, rounds: int,
         rounds: Batched rounds.
         tokens: Greedy tokens per answer.
     """
-    from serve.engine import Engine, EngineConfig
-    from serve.runtimes import GenerationParams, load_runtime
+    from serve.engine.core import Engine, EngineConfig
+    from serve.runtime.loader import load_runtime
+    from serve.runtime.protocol import GenerationParams
 
     lm = load_runtime(artifact).step_lm()
     lm.per_row = per_row

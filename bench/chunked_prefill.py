@@ -109,9 +109,9 @@ def inprocess_one_stream(artifact: Path, tokens: int) -> dict:
     """``bench.engine_speed``'s 1-stream measure, EOS on (as the server), on the same chat
     prompt's token ids."""
     from bench.engine_speed import measure
-    from serve.chat import render
-    from serve.engine import Engine, EngineConfig
-    from serve.runtimes import load_runtime
+    from serve.api.chat import render
+    from serve.engine.core import Engine, EngineConfig
+    from serve.runtime.loader import load_runtime
 
     runtime = load_runtime(artifact)
     text = render(runtime.tokenizer, [{"role": "user", "content": PROMPT}])

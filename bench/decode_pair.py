@@ -43,7 +43,7 @@ for _ in sys.stdin:
 
 
 def _decode_rate(runtime, new_tokens: int) -> float:
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     start = time.perf_counter()
     result = runtime.generate([PROMPTS[0]], GenerationParams(max_new_tokens=new_tokens))[0]
@@ -53,7 +53,7 @@ def _decode_rate(runtime, new_tokens: int) -> float:
 def decode_pair(artifacts: list[Path], gguf: Path, rounds: int, new_tokens: int,
                 python: Path = PEERS_PYTHON, threads: int = 2) -> dict[str, Any]:
     """Per artifact: median tok/s, median and range of its per-round ratio to llama.cpp."""
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     runtimes = {str(a): load_runtime(a) for a in artifacts}
     peer = subprocess.Popen([str(python), "-c", LLAMA_LOOP_SCRIPT, str(gguf), PROMPTS[0],

@@ -13,8 +13,9 @@ import asyncio
 import json
 import time
 
-from serve.engine import Engine, EngineConfig
-from serve.runtimes import GenerationParams, load_runtime
+from serve.engine.core import Engine, EngineConfig
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import GenerationParams
 
 PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a message "
           "in a bottle, with many characters and places.")

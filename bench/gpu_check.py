@@ -46,7 +46,7 @@ def _texts(name: str, n: int) -> list[str]:
 
 
 def _torch_runtime(path: Path, device: str, precision: str | None = None) -> Any:
-    from serve.runtime_torch import TorchRuntime
+    from serve.runtime.runtime_torch import TorchRuntime
 
     manifest = read_manifest(path)
     if precision:
@@ -92,7 +92,7 @@ def check_classifier(root: Path) -> dict:
 
 
 def _greedy(runtime: Any, prompts: list[str], n: int) -> list[str]:
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     return [g.text for g in runtime.generate(prompts, GenerationParams(max_new_tokens=n))]
 
@@ -125,7 +125,7 @@ def check_nf4(root: Path) -> dict:
 
 async def collect_tokens(engine: Any, ids: list[int], n: int) -> list[int]:
     """Submit one greedy request to ``engine`` and return its generated token ids."""
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     seq = engine.submit(ids, GenerationParams(max_new_tokens=n))
     tokens = []
@@ -136,7 +136,7 @@ async def collect_tokens(engine: Any, ids: list[int], n: int) -> list[int]:
 
 def make_engine(runtime: Any, streams: int, eos: bool = True) -> Any:
     """An engine over ``runtime``'s step LM for ``streams`` sequences (EOS off: fixed length)."""
-    from serve.engine import Engine, EngineConfig
+    from serve.engine.core import Engine, EngineConfig
 
     return Engine(runtime.step_lm(), set(runtime.eos_ids) if eos else set(),
                   EngineConfig(max_running=streams))

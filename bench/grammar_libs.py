@@ -59,7 +59,7 @@ class _LLGuidance(_Lib):
         import llguidance.hf
         import llguidance.numpy
 
-        from serve.grammar import GrammarCompiler
+        from serve.engine.grammar import GrammarCompiler
         self.ll, self.lln = llguidance, llguidance.numpy
         self.tok = (llguidance.hf.from_tokenizer(hf_tok, n_vocab=vocab) if own_reading
                     else GrammarCompiler(hf_tok, {hf_tok.eos_token_id}).tokenizer)
@@ -133,7 +133,7 @@ class _OutlinesCore(_Lib):
         from outlines_core.json_schema import build_regex_from_schema
         self.oc, self.regex_of = outlines_core, build_regex_from_schema
         self.vocab, self.eos = vocab, hf_tok.eos_token_id
-        from serve.grammar import token_bytes
+        from serve.engine.grammar import token_bytes
         by_bytes: dict[bytes, list[int]] = {}
         for token_id, piece in enumerate(token_bytes(hf_tok)):
             if token_id not in hf_tok.all_special_ids:

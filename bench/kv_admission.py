@@ -18,8 +18,8 @@ import json
 import time
 
 from bench.engine_speed import PROMPT, measure
-from serve.engine import Engine, EngineConfig
-from serve.runtimes import load_runtime
+from serve.engine.core import Engine, EngineConfig
+from serve.runtime.loader import load_runtime
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Offline benchmark of artifacts (no server): latency, tokens/s, bytes and metric.
 
-For each artifact folder, through ``serve.runtimes.load_runtime`` (the server's code):
+For each artifact folder, through ``serve.runtime.loader.load_runtime`` (the server's code):
 
 * classification — latency of ``class_probabilities`` at batch 1 and batch 32 (median of
   ``--repeats`` runs after ``--warmup`` runs);
@@ -69,7 +69,7 @@ def bench_classifier(runtime, warmup: int, repeats: int) -> dict[str, Any]:
 
 def bench_generator(runtime, warmup: int, repeats: int, new_tokens: int) -> dict[str, Any]:
     """Median aggregate decode tokens/s at batch 1 and 8 (greedy, same prompt length)."""
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     params = GenerationParams(max_new_tokens=new_tokens)
     out = {}
@@ -88,7 +88,7 @@ def bench_generator(runtime, warmup: int, repeats: int, new_tokens: int) -> dict
 
 def bench_artifact(path: Path, warmup: int, repeats: int, new_tokens: int) -> dict[str, Any]:
     """Benchmark one artifact; returns a row for the table."""
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     start = time.perf_counter()
     runtime = load_runtime(path)

@@ -155,7 +155,7 @@ def peer_quality(gguf: Path, reference: Path, data: Path, python: Path = PEERS_P
     from compress.data import load_examples
     from compress.evaluate import predict, score
     from compress.recipe import DataFile
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     examples = load_examples(DataFile(path=data.resolve(), label=None))
     ref_rt = load_runtime(reference, device="cpu")

@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 
-from serve.engine import Engine, EngineConfig
-from serve.runtimes import GenerationParams, load_runtime
+from serve.engine.core import Engine, EngineConfig
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import GenerationParams
 
 
 async def _times(seq) -> list[float]:

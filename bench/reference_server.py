@@ -4,7 +4,7 @@ The leanest classifier server worth comparing against: bare uvicorn, one raw ASG
 callable, ``json.loads`` of the body, and a greedy asyncio micro-batcher (every request
 that queued while the model ran becomes the next batch, up to ``max_batch_size`` texts,
 one thread hop per batch) calling the same runtime as ``modelpress serve``
-(:func:`serve.runtimes.load_runtime`, same ONNX Runtime session options). It has none of
+(:func:`serve.runtime.loader.load_runtime`, same ONNX Runtime session options). It has none of
 the served product's validation, limits, error bodies, metrics, tracing or lifecycle;
 served modelpress is measured as a fraction of its requests/s on the same artifact,
 machine and load (:mod:`bench.serve_capacity`).
@@ -36,7 +36,7 @@ class ReferenceApp:
     """The raw ASGI app: ``/classify`` batched greedily, ``/readyz``."""
 
     def __init__(self, artifact: Path, max_batch_size: int) -> None:
-        from serve.runtimes import load_runtime
+        from serve.runtime.loader import load_runtime
 
         self.runtime = load_runtime(artifact, device="cpu")
         self.max_batch_size = max_batch_size

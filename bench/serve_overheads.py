@@ -23,8 +23,8 @@ from typing import Any
 
 import httpx
 
-from serve.runtimes import load_runtime
-from serve.schemas import Limits
+from serve.api.schemas import Limits
+from serve.runtime.loader import load_runtime
 
 PARAGRAPH = ("The lighthouse keeper walked along the shore at dawn, counting the ships that "
              "had passed in the night and writing their names in a worn notebook. ")
@@ -62,11 +62,11 @@ class CountingTokenizer:
 
 
 class InProcessService:
-    """What :class:`serve.http_api.Backend` needs from the service, over one runtime:
+    """What :class:`serve.api.backend.Backend` needs from the service, over one runtime:
     its lock, the engine over ``runtime.step_lm()`` and an event-loop detokenizer."""
 
     def __init__(self, runtime: Any) -> None:
-        from serve.engine import Engine, EngineConfig
+        from serve.engine.core import Engine, EngineConfig
 
         self.runtime = runtime
         self.lock = threading.Lock()
@@ -83,8 +83,9 @@ def inprocess_app(runtime: Any, limits: Limits) -> tuple[Any, InProcessService]:
     ``runtime``; close the service's engine when done."""
     from starlette.applications import Starlette
 
-    from serve.http_api import Backend, build_routes
-    from serve.openai_api import build_openai_routes
+    from serve.api.backend import Backend
+    from serve.api.http_api import build_routes
+    from serve.api.openai_api import build_openai_routes
 
     service = InProcessService(runtime)
     backend = Backend(service, limits, workers=1)  # type: ignore[arg-type]
@@ -131,7 +132,7 @@ def measure_rss(artifact: str, requests: int) -> dict:
     """The serving worker's RSS after a few ``/generate`` requests."""
     import psutil
 
-    from serve.launcher import start_server
+    from serve.app.launcher import start_server
 
     with start_server(artifact, access_log=False) as server:
         for i in range(requests):

@@ -97,7 +97,7 @@ def run_staggered(step: Any, prompts: list[list[int]], tokens: int,
 
 def run_peer(runtime: Any, prompts: list[list[int]], tokens: int) -> tuple[float, int]:
     """The runtime's static-batch ``generate``; (seconds, completion tokens)."""
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     texts = [runtime.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
     start = time.perf_counter()
@@ -108,7 +108,7 @@ def run_peer(runtime: Any, prompts: list[list[int]], tokens: int) -> tuple[float
 def bench_artifact(path: Path, slots: list[int], tokens: int, join_every: int,
                    check: bool, peer: bool) -> list[dict[str, Any]]:
     """Rows (one per scenario and slot count) for one artifact."""
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     runtime = load_runtime(path, device="cpu")
     step = runtime.step_lm()

@@ -1,7 +1,7 @@
 """What a stream costs per token outside the model: its text, re-decoding the whole output
 for every token (before) vs incremental detokenization
-(:class:`serve.detokenize.IncrementalDetokenizer`); and the sampler's log-probabilities
-(:class:`serve.sampling.Sampler`, greedy, with and without ``logprobs``).
+(:class:`serve.runtime.detokenize.IncrementalDetokenizer`); and the sampler's log-probabilities
+(:class:`serve.runtime.sampling.Sampler`, greedy, with and without ``logprobs``).
 
     python -m bench.stream_cost --tokenizer build/bench/smollm2-135m-instruct --tokens 2000
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.detokenize import IncrementalDetokenizer
-from serve.runtimes import GenerationParams
-from serve.sampling import Sampler
+from serve.runtime.detokenize import IncrementalDetokenizer
+from serve.runtime.protocol import GenerationParams
+from serve.runtime.sampling import Sampler
 
 TEXT = ("Ünïcödé 日本語 🙂 and plain words: the model streams its answer token by token, "
         "and every token's text goes out as soon as it is complete. ")

@@ -40,7 +40,7 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(message)s", handlers=[RichHandler(console=err_console,
                                                                     show_path=False)])
     # bitsandbytes warns on import about optional "kernels" (offline: its own CPU kernel is
-    # used, see serve/runtime_torch.py); transformers/peft are chatty.
+    # used, see serve/runtime/runtime_torch.py); transformers/peft are chatty.
     for name in ("bitsandbytes", "kernels", "transformers", "peft", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # peft 0.21 reads this transformers 5 property on every adapter load

@@ -11,7 +11,7 @@ Three kinds of data, chosen from the task and the examples:
 * ``perplexity`` (text-generation, no answers): corpus perplexity over sliding windows;
   reference: top-1 next-token agreement and mean next-token KL.
 
-numpy only at import time; models run through ``serve.runtimes`` (the served code path).
+numpy only at import time; models run through ``serve.runtime.protocol`` (the served code path).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def predict(runtime: Any, examples: list[Example], batch_size: int = 32, progres
     """Run a runtime over examples in batches (with a progress bar).
 
     Args:
-        runtime: A ``serve.runtimes.Runtime``.
+        runtime: A ``serve.runtime.protocol.Runtime``.
         examples: The data.
         batch_size: Examples per runtime call (perplexity windows: at most 8).
         progress: Show a progress bar.
@@ -150,7 +150,7 @@ def predict(runtime: Any, examples: list[Example], batch_size: int = 32, progres
         max_length: Token window for perplexity.
         top_k: Next-token log-probs kept per position (for agreement/KL).
     """
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     kind = data_kind(runtime.manifest.task, examples)
     if kind == "perplexity":

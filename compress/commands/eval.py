@@ -84,7 +84,7 @@ def command(
     from compress.data import file_digest, load_examples
     from compress.evaluate import predict, score
     from compress.recipe import DataFile
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     if device not in ("auto", "cpu", "cuda"):
         raise ModelpressError(f"--device: expected auto, cpu or cuda, got {device!r}")

@@ -1,4 +1,4 @@
-"""`modelpress serve ARTIFACT`: run a real ``bentoml serve`` of serve.service in the foreground."""
+"""`modelpress serve ARTIFACT`: a real ``bentoml serve`` of serve.app.service, in the foreground."""
 
 from __future__ import annotations
 
@@ -75,10 +75,10 @@ def command(
     from pydantic import ValidationError
     from rich.console import Console
 
-    from serve import start_failure
+    from serve.api.schemas import Limits, ServeSettings
+    from serve.app import start_failure
+    from serve.app.launcher import ServerHandle, server_home, spawn
     from serve.artifact import load_artifact
-    from serve.launcher import ServerHandle, server_home, spawn
-    from serve.schemas import Limits, ServeSettings
 
     console = Console(stderr=True)
     manifest = load_artifact(artifact).manifest  # hashes verified: a bad artifact stops here

@@ -146,7 +146,7 @@ def checkpoint_key(config: DistillConfig, src: Path, ctx: StageContext) -> str:
 
 
 def _runtime(path: Path, task: str, name: str):
-    from serve.runtime_torch import TorchRuntime
+    from serve.runtime.runtime_torch import TorchRuntime
 
     manifest = (read_manifest(path) if (path / MANIFEST_NAME).is_file()
                 else Manifest(name=name, task=task, format="torch", precision="fp32"))

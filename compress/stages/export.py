@@ -5,7 +5,7 @@
   cache under optimum-onnx's I/O names; then a check of ONNX Runtime against torch on
   sample inputs: max abs logit difference within a tolerance and, for causal LMs, the same
   greedy continuation token for token, decoded as a batch by the serving engine's
-  :class:`serve.step_lm_onnx.OnnxStepLM`.
+  :class:`serve.runtime.step_lm_onnx.OnnxStepLM`.
 * ``convert_fp16`` — an fp32 ONNX model converted to fp16 (I/O kept fp32) for CUDA targets.
 * onnxruntime-genai's model builder (format ``onnx-genai``) is in
   :mod:`compress.stages.genai_build`.
@@ -175,7 +175,7 @@ def check_causal_lm(torch_dir: Path, onnx_dir: Path, tolerance: float, n: int = 
     """Compare the ONNX causal LM with torch: logits and greedy continuations.
 
     The logits are those of each whole prompt (an empty past); the greedy continuations
-    are decoded for all ``n`` prompts together by :class:`serve.step_lm_onnx.OnnxStepLM`
+    are decoded for all ``n`` prompts together by :class:`serve.runtime.step_lm_onnx.OnnxStepLM`
     (left-padded batch rows, KV cache), and must equal torch's, prompt by prompt.
 
     Raises:
@@ -185,7 +185,7 @@ def check_causal_lm(torch_dir: Path, onnx_dir: Path, tolerance: float, n: int = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serve.step_lm_onnx import OnnxStepLM
+    from serve.runtime.step_lm_onnx import OnnxStepLM
 
     tok = AutoTokenizer.from_pretrained(onnx_dir)
     prompts = sample_texts(n)

@@ -1,6 +1,6 @@
 """Fidelity of a variant against the reference on ``data.eval``, and its gate verdict.
 
-Both models run through ``serve.runtimes.load_runtime`` and ``compress.evaluate`` — the
+Both models run through ``serve.runtime.loader.load_runtime`` and ``compress.evaluate`` — the
 code the server and ``modelpress eval`` use. The reference is predicted once per run and
 eval file; every variant is compared with those predictions.
 """
@@ -38,7 +38,7 @@ def evaluate_variant(recipe: Recipe, folder: Path, reference_dir: Path,
         return {"metrics": {}}
     from compress.data import load_examples
     from compress.evaluate import predict, score
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     examples = load_examples(spec, limit=spec.samples)
     key = f"{reference_dir}|{sha256_file(spec.path)}|{spec.model_dump_json()}"

@@ -12,7 +12,7 @@
 
 Every model is built with ``windowed_kv_cache=false``: a sliding-window layer then keeps
 a full-length KV cache (its attention still sees only the window), the layout the
-serving engine's :class:`serve.step_lm_genai.GenaiStepLM` binds in place; 0.18's default
+serving engine's :class:`serve.runtime.step_lm_genai.GenaiStepLM` binds in place; 0.18's default
 window-sized ring buffers would need the runtime's own cache management.
 """
 

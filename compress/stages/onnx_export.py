@@ -8,7 +8,7 @@ sliding-window cache layers traced as full ones, the SDPA math backend on the CP
 fixes the exported graph for ONNX Runtime. Its ``export_for_generation`` is not used: it
 writes a prefill and a decode graph with its own I/O names, while the serving engine mixes
 prefill chunks that continue a cache with decode steps in ONE forward
-(:class:`serve.step_lm_onnx.OnnxStepLM`). So the causal LM is traced once from a sample
+(:class:`serve.runtime.step_lm_onnx.OnnxStepLM`). So the causal LM is traced once from a sample
 forward with a past (batch 2, left padding, 3 new tokens over 5 cached ones, every one of
 those axes dynamic), and its inputs and outputs are renamed to the names optimum-onnx
 used (``past_key_values.N.key`` ... ``present.N.value``), which the int4 / int8 / GGUF-import

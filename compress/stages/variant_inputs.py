@@ -76,9 +76,9 @@ def genai_check(reference_dir: Path, folder: Path, precision: str) -> dict[str, 
 
     from compress.models import sample_texts
     from compress.stages.export import greedy_torch
-    from serve.runtime_genai import GenaiRuntime
-    from serve.runtime_torch import TorchRuntime
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
+    from serve.runtime.runtime_genai import GenaiRuntime
+    from serve.runtime.runtime_torch import TorchRuntime
 
     prompts, n_new = sample_texts(4), 12
     runtime = GenaiRuntime(folder, Manifest(name="check", task="text-generation",

@@ -5,7 +5,7 @@ ones are in ``methods.py``), checks the variant against the task and the machine
 method's ``plan``, builds it atomically into ``OUT/<name>/`` with the method's ``build``
 (ONNX export, ONNX Runtime quantization, onnxruntime-genai builder, bitsandbytes),
 checks it against torch where a check is exact enough to fail on, evaluates it on
-``data.eval`` through ``serve.runtimes.load_runtime`` (the same code the server runs)
+``data.eval`` through ``serve.runtime.loader.load_runtime`` (the same code the server runs)
 against the reference's predictions, and records the gate verdict.
 
 Any failure is raised as one ``VariantFailed`` from the original exception, so the

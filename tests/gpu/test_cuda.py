@@ -30,7 +30,7 @@ def merged(tiny, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_torch_runtime_on_cuda_matches_cpu(merged):
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     cpu = load_runtime(merged["text-classification"], device="cpu")
     gpu = load_runtime(merged["text-classification"], device="cuda")
@@ -40,7 +40,8 @@ def test_torch_runtime_on_cuda_matches_cpu(merged):
 
 
 def test_torch_runtime_greedy_generation_on_cuda_matches_cpu(merged):
-    from serve.runtimes import GenerationParams, load_runtime
+    from serve.runtime.loader import load_runtime
+    from serve.runtime.protocol import GenerationParams
 
     params = GenerationParams(max_new_tokens=8)
     cpu = load_runtime(merged["text-generation"], device="cpu").generate(TEXTS, params)
@@ -58,7 +59,7 @@ def test_engine_on_cuda_interleaves_like_alone(merged):
     """8 concurrent greedy streams through the continuous-batching engine on CUDA give each
     request's tokens run alone."""
     from bench.gpu_check import alone_and_together
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     runtime = load_runtime(merged["text-generation"], device="cuda")
     prompts = [list(runtime.tokenizer(t)["input_ids"]) for t in TEXTS * 3][:8]

@@ -118,7 +118,7 @@ def test_http_accuracy_equals_offline_eval(sweep, bench_artifacts, eval_data):
     from compress.data import load_examples
     from compress.evaluate import evaluate
     from compress.recipe import DataFile
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     _, results = sweep
     examples = load_examples(DataFile(path=eval_data), limit=200)

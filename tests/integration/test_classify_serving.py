@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from bench.serve_capacity import batch_counts, reference_counts, running
-from serve.launcher import start_server
+from serve.app.launcher import start_server
 from tests.conftest import write_recipe
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,7 @@ variants: [{{name: onnx-int8-dynamic, kind: quantize, method: int8-dynamic}}]
 
 @pytest.fixture(scope="module")
 def offline(onnx_classifier):
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     return load_runtime(onnx_classifier, device="cpu")
 
@@ -90,7 +90,7 @@ def _classify_series(metrics: str) -> dict[tuple[str, str], float]:
 
 
 def test_classify_request_metrics_count_every_answer_by_status(onnx_classifier, bentoml_env):
-    # /classify is answered before BentoML's middleware (serve.asgi.DirectRoutesFront):
+    # /classify is answered before BentoML's middleware (serve.app.asgi.DirectRoutesFront):
     # BentoML's request series must still count each answer once, by status.
     handle = start_server(onnx_classifier, env=bentoml_env, access_log=False)
     try:

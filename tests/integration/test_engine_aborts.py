@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from serve.launcher import start_server
+from serve.app.launcher import start_server
 from tests.integration.test_engine_http import _metrics
 from tests.unit.variant_fixtures import build_lm_variants
 

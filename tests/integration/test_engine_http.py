@@ -13,8 +13,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.launcher import start_server
-from serve.runtimes import GenerationParams, load_runtime
+from serve.app.launcher import start_server
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import GenerationParams
 from tests.unit.variant_fixtures import build_lm_variants
 
 pytestmark = pytest.mark.integration

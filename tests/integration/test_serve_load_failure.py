@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from serve.app.launcher import ROOT, ServerStartError, free_port, start_server
 from serve.artifact import Manifest, write_manifest
-from serve.launcher import ROOT, ServerStartError, free_port, start_server
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.launcher import ROOT, ServerStartError, free_port, start_server, wait_ready
+from serve.app.launcher import ROOT, ServerStartError, free_port, start_server, wait_ready
 from tests.conftest import run_cli, write_recipe
 
 pytestmark = pytest.mark.integration
@@ -77,14 +77,14 @@ def gen_server(generator, bentoml_env):
 
 @pytest.fixture(scope="module")
 def offline_cls(classifier):
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     return load_runtime(classifier, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def offline_gen(generator):
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     return load_runtime(generator, device="cpu")
 
@@ -154,8 +154,8 @@ def test_long_text_is_truncated_to_max_input_tokens(cls_server, offline_cls):
 
 
 def test_metadata(cls_server, classifier):
+    from serve.api.http_api import without_paths
     from serve.artifact import read_manifest
-    from serve.http_api import without_paths
 
     manifest = read_manifest(classifier)
     meta = httpx.get(f"{cls_server.url}/metadata").json()
@@ -207,7 +207,7 @@ def test_generate_on_a_classifier_names_the_endpoint(cls_server):
 
 
 def test_generate_equals_offline_greedy(gen_server, offline_gen):
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     r = httpx.post(f"{gen_server.url}/generate", json={"prompts": PROMPTS, "max_new_tokens": 12},
                    timeout=120)
@@ -221,7 +221,7 @@ def test_generate_equals_offline_greedy(gen_server, offline_gen):
 
 
 def test_concurrent_generate_requests_equal_offline(gen_server, offline_gen):
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     bodies = [{"prompts": [p], "max_new_tokens": 10} for p in PROMPTS]  # 4 = max_concurrency
     responses = asyncio.run(_post_all(f"{gen_server.url}/generate", bodies))
@@ -232,7 +232,7 @@ def test_concurrent_generate_requests_equal_offline(gen_server, offline_gen):
 
 
 def test_generate_stream_sse(gen_server, offline_gen):
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     body = {"prompts": [PROMPTS[1]], "max_new_tokens": 12, "stream": True}
     with httpx.stream("POST", f"{gen_server.url}/generate", json=body, timeout=120) as r:
@@ -257,7 +257,7 @@ def _chat_prompt(runtime, messages: list[dict]) -> str:
 def test_openai_client_completion_and_streaming_chat(gen_server, offline_gen):
     import openai
 
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     client = openai.OpenAI(base_url=f"{gen_server.url}/v1", api_key="unused", timeout=120)
     done = client.completions.create(model="any", prompt=PROMPTS[0], max_tokens=10,
@@ -287,7 +287,7 @@ def test_openai_client_completion_and_streaming_chat(gen_server, offline_gen):
 
 
 def test_generation_may_fill_the_context_and_keeps_the_prompt(gen_server, offline_gen):
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     context = offline_gen.model.config.max_position_embeddings
     n = len(offline_gen.tokenizer(PROMPTS[1])["input_ids"])
@@ -425,7 +425,7 @@ async def _overlapping_disconnects(url: str) -> None:
 
 def test_clients_disconnecting_mid_stream_do_not_wedge_the_server(generator, bentoml_env,
                                                                   offline_gen):
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     # max_concurrency=3: a stream that kept its slot after its client left would turn the
     # requests below into 429s; one that kept the model lock would make them hang.
@@ -538,7 +538,7 @@ def test_cli_body_limits(classifier, bentoml_env):
 
 
 def test_import_service_pulls_in_neither_compress_nor_peft(bentoml_env):
-    code = ("import sys, serve.service; "
+    code = ("import sys, serve.app.service; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('compress', 'peft')); "
             "print(bad); sys.exit(1 if bad else 0)")
     env = {k: v for k, v in bentoml_env.items() if k != "MODELPRESS_ARTIFACT"}

@@ -24,7 +24,7 @@ import httpx
 import psutil
 import pytest
 
-from serve.launcher import ServerHandle, start_server
+from serve.app.launcher import ServerHandle, start_server
 from tests.integration.test_service import _build
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 
 from bench.structured_outputs import SCHEMA
-from serve.launcher import start_server
+from serve.app.launcher import start_server
 from tests.conftest import write_recipe
 
 pytestmark = pytest.mark.integration

@@ -13,10 +13,11 @@ import pytest
 
 from compress.tiny import build_adapter
 from compress.tiny_archs import LORA_TARGETS, SLIDING_WINDOW, build_decoder
-from serve.engine import Engine, EngineConfig
+from serve.engine.core import Engine, EngineConfig
 from serve.errors import ArtifactError
-from serve.runtimes import GenerationParams, load_runtime
-from serve.step_lm_torch import TorchStepLM
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import GenerationParams
+from serve.runtime.step_lm_torch import TorchStepLM
 from tests.unit.variant_fixtures import run
 
 torch = pytest.importorskip("torch")

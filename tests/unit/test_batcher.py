@@ -1,4 +1,4 @@
-"""serve.batcher.MicroBatcher on a real event loop and a real worker thread.
+"""serve.engine.batcher.MicroBatcher on a real event loop and a real worker thread.
 
 The batch function blocks on a ``threading.Event`` while the test queues requests, so
 which requests share a batch is decided by the test, not by timing.
@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from serve.batcher import MicroBatcher, Overloaded
+from serve.engine.batcher import MicroBatcher, Overloaded
 
 
 class Model:

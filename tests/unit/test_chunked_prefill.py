@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from serve.runtimes import load_runtime
+from serve.runtime.loader import load_runtime
 from tests.unit.variant_fixtures import build_lm_variants
 
 FORMATS = ["merge", "onnx-fp32", "genai-fp32"]

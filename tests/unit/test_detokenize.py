@@ -13,9 +13,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from serve.completion import Completion
-from serve.detokenize import MAX_PENDING, IncrementalDetokenizer
-from serve.engine import Event
+from serve.engine.completion import Completion
+from serve.engine.core import Event
+from serve.runtime.detokenize import MAX_PENDING, IncrementalDetokenizer
 
 CORPUS = ["héllo wörld, ça va? naïve café", "日本語のテキスト and more text", "emoji 🙂🚀 test",
           "the quick brown fox jumps over the lazy dog"] * 4

@@ -16,10 +16,11 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from serve.asgi import DirectRoutesApp, DirectRoutesFront, direct_routes_service
-from serve.classify_route import ClassifyEndpoint, read_raw_body, send_json
-from serve.errors import ModelpressError
-from serve.schemas import Limits, RequestError
+from serve.api.body import read_raw_body
+from serve.api.classify_route import ClassifyEndpoint, send_json
+from serve.api.schemas import Limits
+from serve.app.asgi import DirectRoutesApp, DirectRoutesFront, direct_routes_service
+from serve.errors import ModelpressError, RequestError
 
 
 def _receiver(*messages: dict[str, Any], then_wait: bool = False):
@@ -78,7 +79,7 @@ def test_slow_body_is_408_and_disconnect_is_400():
 def test_starlette_routes_read_the_body_with_the_same_limits():
     from starlette.requests import Request
 
-    from serve.http_api import read_body
+    from serve.api.body import read_body
 
     chunks = [{"type": "http.request", "body": b'{"prompts": ', "more_body": True},
               {"type": "http.request", "body": b'["a"]}'}]

@@ -16,9 +16,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from bench.serve_overheads import inprocess_app
-from serve.engine import Engine, EngineConfig
-from serve.runtimes import load_runtime
-from serve.schemas import Limits
+from serve.api.schemas import Limits
+from serve.engine.core import Engine, EngineConfig
+from serve.runtime.loader import load_runtime
 from tests.unit.variant_fixtures import build_lm_variants
 
 PROMPT = "the movie is"
@@ -139,7 +139,7 @@ def test_a_message_other_than_disconnect_ends_the_watch_not_the_request():
     from starlette.requests import Request
     from starlette.responses import Response
 
-    from serve.http_api import until_disconnect
+    from serve.api.http_api import until_disconnect
 
     calls = []
 

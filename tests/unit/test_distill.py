@@ -318,7 +318,7 @@ def test_distill_stage_writes_a_measured_student(tiny, tmp_path):
     from compress.pipeline import run_recipe
     from compress.recipe import load_recipe
     from serve.artifact import load_artifact
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     recipe = load_recipe(distill_recipe(tmp_path, tiny, STAGE, "train.jsonl"))
     out = tmp_path / "out"

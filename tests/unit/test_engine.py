@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from serve.engine import Engine, EngineConfig, EngineRefused
-from serve.runtimes import GenerationParams, load_runtime
+from serve.engine.core import Engine, EngineConfig, EngineRefused
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import GenerationParams
 from tests.unit.variant_fixtures import build_lm_variants
 
 FORMATS = ["merge", "onnx-fp32", "genai-fp32", "genai-int4"]

@@ -11,8 +11,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from serve.engine import Engine, EngineConfig
-from serve.runtimes import GenerationParams, load_runtime
+from serve.engine.core import Engine, EngineConfig
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import GenerationParams
 from tests.unit.variant_fixtures import build_lm_variants
 
 FORMATS = ["onnx-int8", "genai-int8"]

@@ -114,7 +114,7 @@ def test_torch_artifact_and_its_onnx_export_give_the_same_metric(tiny, tmp_path,
     from compress.data import Example
     from compress.evaluate import evaluate
     from compress.stages.export import export_onnx
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     torch_dir, onnx_dir = tmp_path / "torch", tmp_path / "onnx"
     torch_dir.mkdir()
@@ -145,7 +145,7 @@ def test_answers_eval_of_a_generator_against_itself(tiny, tmp_path):
 
     from compress.data import Example
     from compress.evaluate import evaluate
-    from serve.runtimes import load_runtime
+    from serve.runtime.loader import load_runtime
 
     art = tmp_path / "llama"
     art.mkdir()

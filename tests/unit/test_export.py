@@ -9,7 +9,8 @@ import pytest
 
 from compress.models import sample_texts
 from serve.artifact import load_artifact
-from serve.runtimes import GenerationParams, load_runtime
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import GenerationParams
 from tests.conftest import run_cli
 from tests.unit.variant_fixtures import run, run_lm_variants, write_texts
 

@@ -23,14 +23,14 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from serve.asgi import DirectRoutesApp, DirectRoutesFront
-from serve.auth import ApiKeyMiddleware
-from serve.connections import ConnectionLimits, guarded_protocol, install
-from serve.launcher import server_env, server_home
-from serve.log_text import for_log, names_for_log
-from serve.openai_requests import CompletionRequest
-from serve.route_table import OTHER, RouteTable
-from serve.schemas import ServeSettings
+from serve.api.log_text import for_log, names_for_log
+from serve.api.openai_requests import CompletionRequest
+from serve.api.route_table import OTHER, RouteTable
+from serve.api.schemas import ServeSettings
+from serve.app.asgi import DirectRoutesApp, DirectRoutesFront
+from serve.app.auth import ApiKeyMiddleware
+from serve.app.connections import ConnectionLimits, guarded_protocol, install
+from serve.app.launcher import server_env, server_home
 from tests.unit.test_direct_routes import _call, _Echo, _Inner, _scope
 
 KEY = "k3y"
@@ -175,7 +175,7 @@ def test_unknown_field_names_are_logged_escaped_and_bounded(caplog):
     forged = "x\n2026-01-01 ERROR forged line"
     extra = {forged: 1, **{f"k{i}" * 50: 1 for i in range(20_000)}}
     request = CompletionRequest.model_validate({"prompt": "hi", **extra})
-    with caplog.at_level(logging.WARNING, logger="serve.openai_api"):
+    with caplog.at_level(logging.WARNING, logger="serve.api.openai_api"):
         request.check("/v1/completions")
     [record] = [r for r in caplog.records if "unknown fields" in r.getMessage()]
     line = record.getMessage()

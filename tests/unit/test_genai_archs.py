@@ -13,8 +13,9 @@ import pytest
 
 from compress.stages.genai_build import GenaiBuildError, check_genai_supported
 from serve.artifact import load_artifact
-from serve.engine import Engine, EngineConfig
-from serve.runtimes import GenerationParams, load_runtime
+from serve.engine.core import Engine, EngineConfig
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import GenerationParams
 from tests.unit.tiny_decoders import build_decoder
 from tests.unit.variant_fixtures import run, write_texts
 

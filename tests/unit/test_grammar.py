@@ -15,11 +15,11 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.structured_outputs import SCHEMA
-from serve.engine import Engine, EngineConfig
-from serve.grammar import GrammarCompiler, token_bytes
-from serve.runtimes import GenerationParams
-from serve.schemas import RequestError
-from serve.step_lm_torch import TorchStepLM
+from serve.engine.core import Engine, EngineConfig
+from serve.engine.grammar import GrammarCompiler, token_bytes
+from serve.errors import RequestError
+from serve.runtime.protocol import GenerationParams
+from serve.runtime.step_lm_torch import TorchStepLM
 
 EOS = 3
 

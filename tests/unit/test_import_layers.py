@@ -12,16 +12,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("compress", "serve", "bench")
 
-# Each layer may import itself and the layers listed before it, never one after it.
-# The first matching prefix names a module's layer (longest prefixes first within a package).
+# Each layer may import itself and the layers listed before it, never one after it. A
+# module belongs to the layer of its longest matching prefix (``serve`` alone: a module
+# left at the top of serve/ is part of the contract compress and serve share).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("contract", ("serve.artifact", "serve.errors", "compress.errors")),
-    ("runtime", ("serve.runtime",)),
-    ("engine", ("serve.engine",)),
-    ("api", ("serve.api",)),
-    ("app", ("serve.app", "serve")),
-    ("compress", ("compress",)),
-    ("bench", ("bench",)),
+    ("contract", ("serve", "compress.errors")),  # artifact + manifest, errors
+    ("runtime", ("serve.runtime",)),  # protocol, loader, one module per format, step LMs
+    ("engine", ("serve.engine",)),  # scheduler, sequences, completion, micro-batcher
+    ("api", ("serve.api",)),  # request models, body reading, routes, OpenAPI
+    ("app", ("serve.app",)),  # BentoML service, ASGI front, launcher
+    ("compress", ("compress",)),  # recipe, stages, pipeline, evaluation
+    ("bench", ("bench",)),  # benchmarks (drive serve and compress)
+    ("cli", ("compress.cli", "compress.commands", "compress.demo.run")),  # entry points
 )
 
 

@@ -9,7 +9,8 @@ import pytest
 from compress.stages.gguf_blocks import effective_weight
 from compress.stages.int4 import LMCalibrationReader
 from serve.artifact import load_artifact
-from serve.runtimes import GenerationParams, load_runtime
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import GenerationParams
 from tests.unit.variant_fixtures import run, write_texts
 
 ALGORITHMS = {"int4-rtn": "rtn", "int4-gptq": "gptq", "int4-hqq": "hqq",

@@ -15,12 +15,12 @@ import torch
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from serve.chat import chat_prompt_ids
-from serve.engine import Engine, EngineConfig
-from serve.http_api import Backend
-from serve.openai_api import build_openai_routes
-from serve.runtimes import load_runtime
-from serve.schemas import Limits
+from serve.api.backend import Backend
+from serve.api.chat import chat_prompt_ids
+from serve.api.openai_api import build_openai_routes
+from serve.api.schemas import Limits
+from serve.engine.core import Engine, EngineConfig
+from serve.runtime.loader import load_runtime
 from tests.unit.variant_fixtures import build_lm_variants
 
 openai = pytest.importorskip("openai")
@@ -233,7 +233,7 @@ class _ScriptLM:
 
 @pytest.mark.parametrize("top", [None, 2])
 def test_engine_events_carry_logprobs_and_the_ending_eos_ones(top):
-    from serve.runtimes import GenerationParams
+    from serve.runtime.protocol import GenerationParams
 
     rows = [[0.0, 1.0, 3.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0, 2.5]]  # token 2, then EOS (4)
 

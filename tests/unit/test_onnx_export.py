@@ -142,7 +142,8 @@ def test_hybrid_decoder_is_refused_in_one_line(tiny, tmp_path):
 def test_onnx_runtime_generates_like_torch(tiny, tmp_path):
     """The ONNX LM runtime (no optimum): batched greedy = alone = torch runtime, streamed =
     generated, stop sequences cut as torch's, seeded sampling reproducible, log-probs."""
-    from serve.runtimes import GenerationParams, load_runtime
+    from serve.runtime.loader import load_runtime
+    from serve.runtime.protocol import GenerationParams
     from tests.unit.test_step_lm import artifact
 
     onnx_rt = load_runtime(artifact(tiny["llama"], tmp_path / "onnx", "onnx"))

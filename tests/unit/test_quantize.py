@@ -8,7 +8,7 @@ import pytest
 from compress.data import load_examples
 from compress.recipe import DataFile
 from serve.artifact import load_artifact
-from serve.runtimes import load_runtime
+from serve.runtime.loader import load_runtime
 from tests.unit.variant_fixtures import run, write_texts
 
 VARIANTS = ["onnx-fp32", "int8-dynamic", "int8-static", "int4", "nf4", "int8-bnb"]

@@ -9,7 +9,8 @@ import pytest
 
 from compress.models import copy_model_folder
 from serve.artifact import Manifest, write_manifest
-from serve.runtimes import GenerationParams, UnsupportedRequest, load_runtime
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import GenerationParams, UnsupportedRequest
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
@@ -191,7 +192,7 @@ def test_abandoned_stream_releases_the_model(llama_rt):
 
 def test_prompt_that_does_not_fit_the_context_is_refused_not_cut(llama_rt, plain_llama):
     from serve.errors import ModelpressError
-    from serve.runtimes import ContextLengthExceeded
+    from serve.runtime.protocol import ContextLengthExceeded
 
     _, tok = plain_llama
     context = llama_rt.model.config.max_position_embeddings

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from serve.engine import Engine, EngineConfig
-from serve.runtimes import GenerationParams, load_runtime
+from serve.engine.core import Engine, EngineConfig
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import GenerationParams
 from tests.unit.variant_fixtures import build_lm_variants
 
 FORMATS = ["merge", "onnx-fp32", "genai-fp32"]

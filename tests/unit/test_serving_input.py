@@ -12,12 +12,13 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serve.auth import ApiKeyMiddleware
-from serve.chat import ChatMessage, chat_prompt_ids, plain_messages
-from serve.http_api import without_paths
-from serve.http_errors import error_body
-from serve.openai_requests import ChatRequest
-from serve.schemas import GenerateRequest, Limits, RequestError, parse_body
+from serve.api.chat import ChatMessage, chat_prompt_ids, plain_messages
+from serve.api.http_api import without_paths
+from serve.api.http_errors import error_body
+from serve.api.openai_requests import ChatRequest
+from serve.api.schemas import GenerateRequest, Limits, parse_body
+from serve.app.auth import ApiKeyMiddleware
+from serve.errors import RequestError
 
 
 @pytest.mark.parametrize(("raw", "message", "param"), [

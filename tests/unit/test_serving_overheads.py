@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from bench.serve_overheads import CountingTokenizer, inprocess_app
-from serve.runtimes import GenerationParams, load_runtime
-from serve.schemas import Limits
+from serve.api.schemas import Limits
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import GenerationParams
 from tests.unit.variant_fixtures import build_lm_variants
 
 # 3 tokens a sentence (+ BOS): over max_input_tokens=64 by UTF-8 length, so counted

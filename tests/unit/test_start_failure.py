@@ -1,10 +1,10 @@
-"""serve.start_failure: the one line a failing worker leaves for its launcher."""
+"""serve.app.start_failure: the one line a failing worker leaves for its launcher."""
 
 from __future__ import annotations
 
 import pytest
 
-from serve import start_failure
+from serve.app import start_failure
 from serve.errors import ArtifactError
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from compress.models import copy_model_folder
 from serve.artifact import Manifest, write_manifest
-from serve.runtimes import ContextLengthExceeded, load_runtime
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import ContextLengthExceeded
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
@@ -102,7 +103,7 @@ def test_interleaved_greedy_equals_alone_and_generate(runtimes, prompts, fmt, ti
     if fmt == "torch-eager":  # the additive-mask path (the runtime loads sdpa)
         from transformers import AutoModelForCausalLM
 
-        from serve.step_lm_torch import TorchStepLM
+        from serve.runtime.step_lm_torch import TorchStepLM
 
         eager = AutoModelForCausalLM.from_pretrained(tiny["llama"], attn_implementation="eager")
         step = TorchStepLM(eager.eval(), 128)

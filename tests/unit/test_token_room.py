@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve.runtimes import load_runtime
-from serve.token_limits import _slice
+from serve.api.token_limits import _slice
+from serve.runtime.loader import load_runtime
 from tests.unit.test_serving_overheads import TRUNCATED, _serve
 from tests.unit.variant_fixtures import build_lm_variants
 

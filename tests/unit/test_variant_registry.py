@@ -8,7 +8,7 @@ from compress.errors import InputError, RecipeError, VariantFailed
 from compress.recipe import load_recipe
 from compress.stages import registry
 from compress.stages.methods import NoOptions
-from serve.runtimes import ContextLengthExceeded
+from serve.runtime.protocol import ContextLengthExceeded
 from tests.unit.variant_fixtures import run, write_texts
 
 
