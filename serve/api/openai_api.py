@@ -87,8 +87,6 @@ def _final_chunks(make_chunk: Callable, include_usage: bool) -> Callable:
     def chunk(delta: str | None, completion: Any) -> str | None:
         if delta is not None:
             return sse(make_chunk(delta, None)) if delta else None
-        if completion is None:  # a runtime without the engine: no counts to report
-            return None
         out = sse(make_chunk(None, completion.finish_reason))
         if include_usage:
             out += sse(make_chunk(None, None, usage=_usage(completion.prompt_tokens,

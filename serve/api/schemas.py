@@ -194,11 +194,6 @@ class GenerateItem(BaseModel):
     logprobs: int | None = None  # alternatives per generated token; None: no logprobs
     grammar: Any = None  # a serve.engine.grammar.Grammar: structured outputs (engine only)
 
-    def params_key(self) -> tuple:
-        """Items with equal keys can run in one ``Runtime.generate`` call."""
-        return (self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop), self.seed)
-
-
 class GenerateResult(BaseModel):
     """One completion."""
 

@@ -10,7 +10,7 @@ from serve.engine.core import Engine, EngineRefused, Event, Sequence
 from serve.errors import RequestError
 from serve.runtime.detokenize import IncrementalDetokenizer
 from serve.runtime.logprobs import TokenLogprob
-from serve.runtime.runtime_torch import _safe_prefix
+from serve.runtime.text import safe_prefix, stop_index
 
 
 class Completion:
@@ -97,13 +97,13 @@ class Completion:
                     # a stop not in the text before can only end inside the new piece
                     start = max(0, len(text) - longest + 1)
                     text += piece
-                    cut = _stop_from(text, self.stops, start)
+                    cut = stop_index(text, self.stops, start)
                     if cut is not None:
                         self.finish_reason, stopped = "stop", True
                         self.engine.abort(self.seq, reason="stop")
                         text = text[:cut]
                         break
-                    safe = _safe_prefix(text, self.stops)
+                    safe = safe_prefix(text, self.stops)
                     if safe > sent:
                         yield text[sent:safe]
                         sent = safe
@@ -119,12 +119,6 @@ class Completion:
     async def text(self) -> str:
         """The whole completion."""
         return "".join([d async for d in self.deltas()])
-
-
-def _stop_from(text: str, stops: list[str], start: int) -> int | None:
-    """Index of the earliest stop sequence in ``text`` found from ``start``, or None."""
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else None
 
 
 def refused(exc: EngineRefused) -> RequestError:

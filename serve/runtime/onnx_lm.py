@@ -1,10 +1,10 @@
-"""Offline generation over an ONNX causal LM session: generate, stream, log-probs.
+"""Offline generation over an ONNX causal LM session: generate and log-probs.
 
 The decoding loop is the serving engine's own pieces, run for one call:
 :class:`serve.runtime.step_lm_onnx.OnnxStepLM` (one prefill per prompt, then batched decode steps
 over left-padded KV rows) on the ONE ``onnxruntime.InferenceSession`` the engine also gets
 from :meth:`OrtCausalLM.step_lm`, :class:`serve.runtime.sampling.Sampler` for the next token,
-:func:`serve.runtime.runtime_torch.finish_generation` and the stop-sequence helpers for the text.
+:func:`serve.runtime.text.finish_generation` and the stop-sequence helpers for the text.
 Greedy outputs equal the torch runtime's wherever the logits' arg-max does.
 """
 
@@ -21,10 +21,9 @@ import numpy as np
 
 from serve.artifact import Manifest
 from serve.errors import ArtifactError
-from serve.runtime.detokenize import IncrementalDetokenizer
 from serve.runtime.protocol import ContextLengthExceeded, Generation, GenerationParams
-from serve.runtime.runtime_torch import _safe_prefix, _stop_index, finish_generation
 from serve.runtime.sampling import Sampler
+from serve.runtime.text import finish_generation, stop_index
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ class OrtCausalLM:
         if not stops:
             return False
         tail = ids[-(2 * max(len(s) for s in stops) + 4):]
-        return _stop_index(self.tokenizer.decode(tail, skip_special_tokens=True),
+        return stop_index(self.tokenizer.decode(tail, skip_special_tokens=True),
                            stops) is not None
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
@@ -143,29 +142,6 @@ class OrtCausalLM:
             results.append(Generation(text=text, prompt_tokens=len(row),
                                       completion_tokens=n, finish_reason=reason))
         return results
-
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
-        """Yield the completion of one prompt as text deltas (stop sequences withheld)."""
-        rows = self._encode([prompt], params.max_new_tokens)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        text, sent = "", 0
-        with self._lock:
-            for [(_, token)] in self._tokens(rows, params):
-                if token in self._eos:
-                    break
-                text += detok.push(token)
-                cut = _stop_index(text, params.stop)
-                if cut is not None:
-                    if cut > sent:
-                        yield text[sent:cut]
-                    return
-                safe = _safe_prefix(text, params.stop)
-                if safe > sent:
-                    yield text[sent:safe]
-                    sent = safe
-        text += detok.flush()
-        if len(text) > sent:
-            yield text[sent:]
 
     def prompt_logits(self, ids: list[int]) -> np.ndarray:
         """float32 logits ``[len(ids), vocab]`` of one forward over ``ids`` (row ``t``

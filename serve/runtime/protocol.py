@@ -7,7 +7,6 @@ same code. This module imports no framework; the concrete runtimes import theirs
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -116,10 +115,6 @@ class Runtime(Protocol):
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         """Complete a batch of prompts (left-padded, KV cache)."""
-        ...
-
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
-        """Yield the completion of one prompt piece by piece (text deltas)."""
         ...
 
     def next_token_logprobs(self, texts: list[str], max_length: int = 256) -> list[Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import numpy as np
 from serve.artifact import Manifest
 from serve.errors import ArtifactError
 from serve.runtime.protocol import Classification, Generation, GenerationParams, UnsupportedRequest
-from serve.runtime.runtime_torch import _safe_prefix, _stop_index, finish_generation
+from serve.runtime.text import finish_generation
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ class GenaiRuntime:
 
     @property
     def model(self) -> Any:
-        """The ``og.Model`` of the offline path (generate, stream, log-probs), loaded on
+        """The ``og.Model`` of the offline path (generate, log-probs), loaded on
         first use: a server runs only :meth:`step_lm`'s session, so it holds the weights
         once (SmolLM2 worker RSS: fp32 1754 -> 1107 MiB, int4 747 -> 610, docs/benchmarks.md).
 
@@ -104,11 +103,6 @@ class GenaiRuntime:
                 log.info("loaded %s's onnxruntime-genai model (offline generation)",
                          self.path)
             return self._model
-
-    @property
-    def generation_model_loaded(self) -> bool:
-        """Whether the offline path's ``og.Model`` has been loaded (see :attr:`model`)."""
-        return self._model is not None
 
     def step_lm(self) -> Any:
         """A step-level view of this model for the serving engine (its own ORT session).
@@ -198,36 +192,6 @@ class GenaiRuntime:
             results.append(Generation(text=text, prompt_tokens=len(encoded[i]),
                                       completion_tokens=n, finish_reason=reason))
         return results
-
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
-        """Yield the completion of one prompt as text deltas (stop sequences withheld)."""
-        self._need_generation()
-        ids, _ = self._encode([prompt], params.max_new_tokens)
-        out: list[int] = []
-        sent = 0
-        with self._lock:
-            generator = self._generator(ids, params)
-            while not generator.is_done():
-                generator.generate_next_token()
-                token = int(generator.get_next_tokens()[0])
-                if token in self._eos:
-                    break
-                out.append(token)
-                text = self.tokenizer.decode(out, skip_special_tokens=True)
-                cut = _stop_index(text, params.stop)
-                if cut is not None:
-                    if cut > sent:
-                        yield text[sent:cut]
-                    return
-                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more
-                    continue
-                safe = _safe_prefix(text, params.stop)
-                if safe > sent:
-                    yield text[sent:safe]
-                    sent = safe
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
-        if len(text) > sent:
-            yield text[sent:]
 
     def next_token_logprobs(self, texts: list[str], max_length: int = 256) -> list[Any]:
         """Per text: (token_ids [T] int64, log-softmax [T-1, V] float32), see ``Runtime``."""

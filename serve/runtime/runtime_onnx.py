@@ -2,7 +2,7 @@
 
 Both tasks run a plain ``onnxruntime.InferenceSession`` (CUDA EP when available and asked
 for, else CPU EP). A causal LM (one graph with a KV cache,
-:mod:`compress.stages.onnx_export`) generates, streams and scores through
+:mod:`compress.stages.onnx_export`) generates and scores through
 :class:`serve.runtime.onnx_lm.OrtCausalLM`, whose session the serving engine's step LM shares;
 the onnxruntime-genai format is faster for LMs.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +153,6 @@ class OnnxRuntime:
         """Complete a batch of prompts (KV cache, batched decode steps)."""
         self._need("text-generation")
         return self._lm.generate(prompts, params)
-
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
-        """Yield the completion of one prompt as text deltas."""
-        self._need("text-generation")
-        return self._lm.stream(prompt, params)
 
     def next_token_logprobs(self, texts: list[str], max_length: int = 256) -> list[Any]:
         """Per text: (token_ids [T], log-softmax [T-1, V]), see ``Runtime``."""

@@ -8,8 +8,8 @@ Face Hub (``kernels-community``) and, offline, warns that it failed; its own bui
 kernel is then used (same greedy tokens); and int8 (LLM.int8) logs on every forward that
 it casts fp32 activations to fp16, which is how it works. Those loggers are kept to errors.
 
-Generation pads on the left and decodes with ``model.generate`` (KV cache); streaming runs
-``generate`` in a thread feeding a ``TextIteratorStreamer``. Model calls are serialised by
+Generation pads on the left and decodes with ``model.generate`` (KV cache); the server
+streams through the engine's step LM (:meth:`TorchRuntime.step_lm`). Model calls are serialised by
 a lock, so a seeded sampling request is reproducible while others run. Prompts are never
 cut: one that leaves no room for ``max_new_tokens`` in the model's context is refused with
 :class:`serve.runtime.protocol.ContextLengthExceeded`.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,28 +35,12 @@ from serve.runtime.protocol import (
     require_task,
     resolve_device,
 )
+from serve.runtime.text import finish_generation, stop_index
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 MAX_CLASSIFY_BATCH = 64
-
-
-def _stop_index(text: str, stops: list[str]) -> int | None:
-    """Index of the earliest stop sequence in ``text``, or None."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _safe_prefix(text: str, stops: list[str]) -> int:
-    """Length of the prefix of ``text`` that cannot be the start of a stop sequence."""
-    keep = len(text)
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                keep = min(keep, len(text) - k)
-                break
-    return keep
 
 
 class TorchRuntime:
@@ -202,7 +185,7 @@ class TorchRuntime:
             # transformers' own stop_strings cannot handle every tokenizer (word-level ones)
             def __call__(self, input_ids, scores, **kwargs):
                 rows = input_ids[:, prompt_width:][:, -tail:].tolist()
-                hits = [_stop_index(tokenizer.decode(r, skip_special_tokens=True), stops)
+                hits = [stop_index(tokenizer.decode(r, skip_special_tokens=True), stops)
                         is not None for r in rows]
                 return torch.tensor(hits, dtype=torch.bool, device=input_ids.device)
 
@@ -240,63 +223,6 @@ class TorchRuntime:
                                       completion_tokens=n, finish_reason=reason))
         return results
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
-        """Yield the completion of one prompt as text deltas (stop sequences withheld)."""
-        self._need("text-generation")
-        from transformers import StoppingCriteria, TextIteratorStreamer
-
-        torch = self._torch
-        cancelled = threading.Event()
-
-        class _Cancel(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
-                                        skip_special_tokens=True, timeout=600)
-        enc = self._encode_prompts([prompt], params.max_new_tokens)
-        kwargs = self._generate_kwargs(params)
-        kwargs.update(streamer=streamer, stopping_criteria=self._criteria(
-            params, enc["input_ids"].shape[1], [_Cancel()]))
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                with self._lock, torch.inference_mode():
-                    self._seed(params)
-                    self.model.generate(**enc, **kwargs)
-            except BaseException as exc:  # re-raised in the consumer
-                errors.append(exc)
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        text, sent, exhausted = "", 0, False
-        try:
-            for piece in streamer:
-                text += piece
-                cut = _stop_index(text, params.stop)
-                if cut is not None:
-                    if cut > sent:
-                        yield text[sent:cut]
-                    return
-                safe = _safe_prefix(text, params.stop)
-                if safe > sent:
-                    yield text[sent:safe]
-                    sent = safe
-            exhausted = True
-            if len(text) > sent:
-                yield text[sent:]
-        finally:
-            cancelled.set()
-            if not exhausted:  # an exhausted streamer never ends again: draining would block
-                for _ in streamer:  # drain so the worker can finish
-                    pass
-            thread.join()
-        if errors:
-            raise errors[0]
-
     def next_token_logprobs(self, texts: list[str], max_length: int = 256) -> list[Any]:
         """Per text: (token_ids [T] int64, log-softmax [T-1, V] float32), see Runtime."""
         self._need("text-generation")
@@ -333,28 +259,3 @@ class TorchRuntime:
         from serve.runtime.step_lm_torch import TorchStepLM
 
         return TorchStepLM(self.model, self.max_length)
-
-
-def finish_generation(tokenizer: Any, eos: set[int], ids: list[int],
-                      params: GenerationParams) -> tuple[str, int, str]:
-    """Cut generated ids at EOS / a stop sequence; return (text, tokens, finish reason).
-
-    Shared by every runtime that decodes token ids itself (torch, onnxruntime-genai).
-    """
-    end = next((i for i, t in enumerate(ids) if t in eos), None)
-    reason = "stop" if end is not None else "length"
-    ids = ids if end is None else ids[:end]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    cut = _stop_index(text, params.stop)
-    if cut is None:
-        return text, len(ids), reason
-    # tokens actually generated: the shortest prefix whose text holds the stop.
-    lo, hi = 1, len(ids)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _stop_index(tokenizer.decode(ids[:mid], skip_special_tokens=True),
-                       params.stop) is None:
-            lo = mid + 1
-        else:
-            hi = mid
-    return text[:cut], lo, "stop"

@@ -153,14 +153,12 @@ def test_onnx_runtime_generates_like_torch(tiny, tmp_path):
     batch = onnx_rt.generate(prompts, greedy)
     assert [g.text for g in batch] == [g.text for g in torch_rt.generate(prompts, greedy)]
     assert [g.text for g in batch] == [onnx_rt.generate([p], greedy)[0].text for p in prompts]
-    assert "".join(onnx_rt.stream(prompts[1], greedy)) == batch[1].text
     words = batch[1].text.split()
     assert len(words) > 2
     stop = GenerationParams(max_new_tokens=12, stop=[" " + words[2]])
     cut = onnx_rt.generate([prompts[1]], stop)[0]
     assert cut.finish_reason == "stop" and cut.completion_tokens < 12
     assert cut.text == torch_rt.generate([prompts[1]], stop)[0].text
-    assert "".join(onnx_rt.stream(prompts[1], stop)) == cut.text
     sampled = GenerationParams(max_new_tokens=12, temperature=1.0, seed=7)
     assert onnx_rt.generate(prompts, sampled) == onnx_rt.generate(prompts, sampled)
     for (ids_t, lp_t), (ids_o, lp_o) in zip(torch_rt.next_token_logprobs(prompts),

@@ -102,11 +102,11 @@ def test_counted_prompts_keep_the_limit_errors(genai):
 
 def test_serving_never_loads_the_genai_generator_the_offline_path_does(genai):
     runtime = load_runtime(genai)
-    assert not runtime.generation_model_loaded
+    assert runtime._model is None
     [(answer, _)] = _serve(runtime, [("/generate", {"prompts": [SHORT],
                                                     "max_new_tokens": 8})])
     assert answer.status_code == 200
-    assert not runtime.generation_model_loaded  # the engine ran its own ORT session
+    assert runtime._model is None  # the engine ran its own ORT session
     [offline] = runtime.generate([SHORT], GenerationParams(max_new_tokens=8))
-    assert runtime.generation_model_loaded
+    assert runtime._model is not None
     assert offline.text == answer.json()["results"][0]["text"]
