@@ -24,7 +24,8 @@ from typing import Any
 
 from compress.errors import InputError, RecipeError, StageFailed
 from compress.models import check_safetensors, load_model, load_tokenizer, save_model
-from compress.recipe import DataFile, DistillConfig
+from compress.recipe import DataFile
+from compress.recipe_sections import DistillConfig
 from compress.stages.base import StageContext, StageResult
 from compress.stages.distill_speed import speed
 from compress.stages.distill_student import build_student, count_parameters, hidden_map

@@ -16,7 +16,7 @@ from typing import Any
 
 from compress.errors import InputError
 from compress.models import load_model, load_tokenizer
-from compress.recipe import DistillConfig
+from compress.recipe_sections import DistillConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import StageFailed
-from compress.recipe import DistillConfig
+from compress.recipe_sections import DistillConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compress.recipe import Gates, Recipe
+from compress.recipe import Recipe
+from compress.recipe_sections import Gates
 from serve.artifact import sha256_file
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ from compress.models import (
     sample_texts,
     save_model,
 )
-from compress.recipe import MergeConfig, Recipe
+from compress.recipe import Recipe
+from compress.recipe_sections import MergeConfig
 from compress.stages.base import StageContext, StageResult
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from compress.recipe import ExportVariant, Recipe, Strict
+from compress.recipe import Recipe
+from compress.recipe_sections import ExportVariant, Strict
 from compress.stages.registry import BuildContext, register
 from compress.stages.variant_inputs import (
     VariantError,

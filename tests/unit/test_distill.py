@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from compress.errors import InputError, RecipeError
-from compress.recipe import DistillConfig
+from compress.recipe_sections import DistillConfig
 from serve.errors import ModelpressError
 
 torch = pytest.importorskip("torch")

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from compress.errors import RecipeError
-from compress.recipe import DistillConfig, load_recipe
+from compress.recipe import load_recipe
+from compress.recipe_sections import DistillConfig
 
 
 def _write(tmp_path: Path, body: str) -> Path:
