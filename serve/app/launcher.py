@@ -41,7 +41,7 @@ from serve.errors import ModelpressError
 log = logging.getLogger(__name__)
 
 SERVICE = "serve.app.service:Modelpress"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServerStartError(ModelpressError):

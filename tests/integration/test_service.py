@@ -555,7 +555,7 @@ def test_bentoml_build(bentoml_env):
     tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     assert tag.startswith("modelpress:")
     bento = os.path.join(bentoml_env["BENTOML_HOME"], "bentos", *tag.split(":"))
-    assert os.path.isfile(os.path.join(bento, "src", "serve", "service.py"))
+    assert os.path.isfile(os.path.join(bento, "src", "serve", "app", "service.py"))
     assert not os.path.exists(os.path.join(bento, "src", "compress"))
     with open(os.path.join(bento, "env", "python", "requirements.txt")) as fh:
         assert "bentoml==" in fh.read()
