@@ -36,8 +36,8 @@ from typing import Any
 import httpx
 
 from bench.hey import run_hey
-from serve.api.schemas import ServeSettings
 from serve.app.launcher import ROOT, free_port, server_env, start_server, wait_ready
+from serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 

@@ -194,9 +194,11 @@ def main() -> None:
     _quiet_transformers()
     try:
         code = app(standalone_mode=False)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    except (click.exceptions.ClickException, typer.TyperException) as exc:
+        # typer 0.29 parses with its own copy of click: its usage errors (a bad option
+        # value) are TyperException subclasses, with click's show() and exit_code
+        exc.show()  # type: ignore[union-attr]
+        sys.exit(exc.exit_code)  # type: ignore[union-attr]
     except click.exceptions.Abort:
         sys.exit(130)
     except ModelpressError as exc:

@@ -4,139 +4,22 @@ Every request body goes through :func:`parse_body`: bytes → UTF-8 → JSON →
 model with ``extra="forbid"``; any failure becomes a :class:`RequestError` whose message
 names the offending field (``texts[2]: must not be empty``), answered as a 4xx JSON body
 ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's error object, see
-:mod:`serve.api.http_errors`). Limits come from ``MODELPRESS_*`` environment variables (set by
-``modelpress serve``) so the same service also starts with plain ``bentoml serve``.
+:mod:`serve.api.http_errors`). The limits (:class:`serve.settings.Limits`) are settings.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve.errors import ModelpressError, RequestError
+from serve.errors import RequestError
+from serve.settings import Limits
 
 M = TypeVar("M", bound=BaseModel)
 
-ENV_PREFIX = "MODELPRESS_"
-
-
 INT64_MAX = 2**63 - 1
-
-
-class Limits(BaseModel):
-    """Per-request and per-worker caps.
-
-    Attributes:
-        max_items: Texts/prompts per request.
-        max_text_chars: Characters per text or prompt (checked before tokenizing).
-        max_input_tokens: Tokens per text or prompt.
-        long_input: What to do with inputs over ``max_input_tokens``: ``truncate`` (keep the
-            head of a text to classify, the tail of a prompt) or ``reject`` (413).
-        max_new_tokens: Upper bound on ``max_new_tokens`` / ``max_tokens``.
-        max_body_bytes: Request body size.
-        body_timeout_s: Longest time to receive a request body (408 past it); the body
-            is read before the request takes a concurrency slot.
-        max_concurrency: Requests in flight per server (queued + running); more get 429.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_items: int = Field(64, ge=1)
-    max_text_chars: int = Field(20_000, ge=1)
-    max_input_tokens: int = Field(512, ge=1)
-    long_input: Literal["truncate", "reject"] = "truncate"
-    max_new_tokens: int = Field(256, ge=1)
-    max_body_bytes: int = Field(1 << 20, ge=1)
-    body_timeout_s: float = Field(30.0, gt=0)
-    max_concurrency: int = Field(64, ge=1)
-
-
-class ServeSettings(BaseModel):
-    """How the service runs; read from ``MODELPRESS_*`` environment variables.
-
-    Attributes:
-        artifact: Artifact folder to serve (``MODELPRESS_ARTIFACT``).
-        device: ``auto``, ``cpu`` or ``cuda``.
-        batching: Adaptive batching on (``MODELPRESS_BATCHING=0`` for the baseline).
-        max_batch_size: Largest batch the dispatcher forms (items, not requests).
-        max_latency_ms: Latency budget of a queued request; 503 past it.
-        workers: Server worker processes (each loads the model).
-        timeout_s: Request timeout (504 past it; BentoML's). ``/classify`` is bounded by
-            ``body_timeout_s`` and ``max_latency_ms`` instead (it bypasses BentoML's layers).
-        access_log: Log every request (BentoML's access log).
-        max_running: Generation: sequences decoded together per engine step.
-        max_kv_tokens: Generation: KV budget in tokens (running sequences' prompt and
-            generated tokens, plus the prefix cache); it grows per token, with preemption.
-        max_waiting: Generation: requests queued for admission before 503s.
-        queue_timeout_s: Generation: longest wait for admission (503 with Retry-After).
-        max_num_batched_tokens: Generation: tokens per engine step (one per decoding
-            sequence plus prompt chunks): long prompts are prefilled in chunks.
-        max_prefill_tokens: Generation, deprecated: prompt tokens per step alone; when set
-            it replaces ``max_num_batched_tokens``.
-        prefix_cache: Generation: reuse the KV of shared prompt prefixes.
-        api_key: When set, every route but the health checks and ``/metrics`` needs
-            ``Authorization: Bearer <api_key>`` (``MODELPRESS_API_KEY``).
-        header_timeout_s: Longest time for a request's headers to arrive, from its first
-            byte or the connection's opening; the connection is closed past it.
-        keep_alive_timeout_s: An idle connection between requests is closed after this.
-        max_connections: Open connections per worker; more get 503 and are closed
-            (lowered to the open-file limit less 256).
-        limits: Per-request caps.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    artifact: str = ""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    batching: bool = True
-    max_batch_size: int = Field(32, ge=1)
-    max_latency_ms: int = Field(10_000, ge=1)
-    workers: int = Field(1, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
-    access_log: bool = True
-    max_running: int = Field(32, ge=1, le=1024)
-    max_kv_tokens: int = Field(65_536, ge=1)
-    max_waiting: int = Field(256, ge=1)
-    queue_timeout_s: float = Field(30.0, gt=0)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    max_prefill_tokens: int | None = Field(None, ge=1)
-    prefix_cache: bool = True
-    api_key: str = Field("", repr=False)
-    header_timeout_s: float = Field(10.0, gt=0)
-    keep_alive_timeout_s: float = Field(5.0, gt=0)
-    max_connections: int = Field(2048, ge=1)
-    limits: Limits = Field(default_factory=Limits)
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> ServeSettings:
-        """Read settings from ``MODELPRESS_<FIELD>`` variables (upper case).
-
-        Raises:
-            ModelpressError: A variable holds an invalid value (named in the message).
-        """
-        env = dict(os.environ if env is None else env)
-        top = {k: env[ENV_PREFIX + k.upper()] for k in cls.model_fields
-               if k != "limits" and ENV_PREFIX + k.upper() in env}
-        limits = {k: env[ENV_PREFIX + k.upper()] for k in Limits.model_fields
-                  if ENV_PREFIX + k.upper() in env}
-        try:
-            return cls.model_validate({**top, "limits": limits})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            name = ENV_PREFIX + str(err["loc"][-1]).upper()
-            raise ModelpressError(f"{name}: {err['msg']}") from None
-
-    def to_env(self) -> dict[str, str]:
-        """The environment variables that reproduce these settings."""
-        out = {ENV_PREFIX + k.upper(): str(v) for k, v in self.model_dump().items()
-               if k != "limits" and v is not None}  # None: the field's default
-        out[ENV_PREFIX + "BATCHING"] = "1" if self.batching else "0"
-        out[ENV_PREFIX + "ACCESS_LOG"] = "1" if self.access_log else "0"
-        out.update({ENV_PREFIX + k.upper(): str(v) for k, v in self.limits.model_dump().items()})
-        return out
 
 
 class _Strict(BaseModel):

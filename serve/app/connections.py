@@ -27,23 +27,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from dataclasses import dataclass
 from typing import Any
 
 from serve.api.http_errors import error_bytes
+from serve.settings import ConnectionLimits
 
 log = logging.getLogger(__name__)
 
 FD_RESERVE = 256  # descriptors kept for model files, sockets to the engine, logs
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """The guards' settings (see the module docstring)."""
-
-    header_timeout_s: float = 10.0
-    keep_alive_timeout_s: float = 5.0
-    max_connections: int = 2048
 
 
 def connection_cap(limit: int) -> int:

@@ -34,9 +34,9 @@ from typing import IO, Any
 
 import httpx
 
-from serve.api.schemas import ServeSettings
 from serve.app import start_failure
 from serve.errors import ModelpressError
+from serve.settings import ServeSettings, settings_from
 
 log = logging.getLogger(__name__)
 
@@ -207,16 +207,14 @@ def start_server(artifact: Path | str, port: int | None = None, host: str = "127
         log_path: File for the server's output (when None, a temp file that
             :meth:`ServerHandle.stop` deletes).
         env: Base environment (default: this process's).
-        **opts: :class:`ServeSettings` fields (``batching``, ``max_batch_size``,
-            ``max_latency_ms``, ``workers``, ``access_log``, ``device``, ...) and
-            :class:`serve.api.schemas.Limits` fields (``max_concurrency``, ...).
+        **opts: :class:`serve.settings.ServeSettings` fields (``batching``,
+            ``max_batch_size``, ``max_concurrency``, ``max_kv_tokens``, ...).
 
     Raises:
+        SettingsError: An unknown setting or a bad value (named), before anything starts.
         ServerStartError: The server failed to start; the message is its error line.
     """
-    limit_keys = set(ServeSettings.model_fields["limits"].annotation.model_fields)
-    limits = {k: opts.pop(k) for k in list(opts) if k in limit_keys}
-    settings = ServeSettings(artifact=str(Path(artifact).resolve()), limits=limits, **opts)
+    settings = settings_from({**opts, "artifact": str(Path(artifact).resolve())})
     port = port or free_port(host)
     temp_log = log_path is None
     if log_path is None:

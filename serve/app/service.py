@@ -5,7 +5,7 @@ Start it with ``modelpress serve ARTIFACT`` or directly::
     MODELPRESS_ARTIFACT=artifacts/merge bentoml serve serve.app.service:Modelpress
 
 Settings come from ``MODELPRESS_*`` environment variables (see
-:class:`serve.api.schemas.ServeSettings`), read when this module is imported, because
+:class:`serve.settings.ServeSettings`), read when this module is imported, because
 BentoML fixes a service's batching and worker settings at decoration time.
 
 Layout: the public routes (``/classify``, ``/generate``, ``/metadata`` and the
@@ -46,19 +46,21 @@ from serve.api.http_api import build_routes
 from serve.api.http_errors import EXCEPTION_HANDLERS, fallback_routes
 from serve.api.openai_api import build_openai_routes
 from serve.api.openapi import openapi_schema
-from serve.api.schemas import ServeSettings
 from serve.app.asgi import DirectRoutesApp, direct_routes_service
-from serve.app.connections import ConnectionLimits
 from serve.app.start_failure import reported
 from serve.artifact import load_artifact
 from serve.engine.batcher import MicroBatcher, batch_size_observer
-from serve.engine.core import Engine, EngineConfig
+from serve.engine.core import Engine
 from serve.errors import ModelpressError
 from serve.runtime.loader import load_runtime
+from serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ServeSettings.from_env()
+try:
+    SETTINGS = ServeSettings.from_env()
+except ModelpressError as exc:  # one line, not a traceback per worker
+    raise SystemExit(f"error: {exc}") from None
 if SETTINGS.artifact:
     # Verify hashes on import, so `bentoml serve` (which imports this module before it
     # starts workers) stops at once with one line instead of restarting failing workers.
@@ -78,13 +80,7 @@ _UNTRACED: dict[str, Any] = (
 
 def start_engine(runtime: Any, settings: ServeSettings) -> Engine:
     """The continuous-batching engine over ``runtime``'s step-level model."""
-    config = EngineConfig(max_running=settings.max_running,
-                          max_kv_tokens=settings.max_kv_tokens,
-                          max_waiting=settings.max_waiting,
-                          queue_timeout_s=settings.queue_timeout_s,
-                          max_num_batched_tokens=settings.max_num_batched_tokens,
-                          max_prefill_tokens=settings.max_prefill_tokens,
-                          prefix_cache=settings.prefix_cache)
+    config = settings.engine
     engine = Engine(runtime.step_lm(), set(runtime.eos_ids), config)
     log.info("generation engine: max_running=%d max_kv_tokens=%d max_waiting=%d "
              "queue_timeout_s=%g max_num_batched_tokens=%d max_prefill_tokens=%s "
@@ -149,9 +145,7 @@ http_app = DirectRoutesApp([*_ROUTES, *fallback_routes(["/v1", "/_batch"], _ROUT
     # metrics settings would then apply to it too).
     service_class=direct_routes_service(
         http_app, SETTINGS.api_key, SETTINGS.access_log, direct=not _BENTOML_CONFIGURED,
-        connections=ConnectionLimits(SETTINGS.header_timeout_s,
-                                     SETTINGS.keep_alive_timeout_s,
-                                     SETTINGS.max_connections)),
+        connections=SETTINGS.connections),
     **_UNTRACED,
 )
 @bentoml.asgi_app(http_app, path="/")
@@ -196,14 +190,7 @@ class Modelpress:
                             "max_batch_size": SETTINGS.max_batch_size,
                             "max_latency_ms": SETTINGS.max_latency_ms,
                             "workers": SETTINGS.workers,
-                            "engine": ({"max_running": SETTINGS.max_running,
-                                        "max_kv_tokens": SETTINGS.max_kv_tokens,
-                                        "max_waiting": SETTINGS.max_waiting,
-                                        "queue_timeout_s": SETTINGS.queue_timeout_s,
-                                        "max_num_batched_tokens":
-                                            SETTINGS.max_num_batched_tokens,
-                                        "max_prefill_tokens": SETTINGS.max_prefill_tokens,
-                                        "prefix_cache": SETTINGS.prefix_cache}
+                            "engine": (SETTINGS.engine.model_dump()
                                        if self.engine is not None else None),
                             "limits": SETTINGS.limits.model_dump()}}
 

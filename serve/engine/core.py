@@ -37,10 +37,11 @@ from typing import Any
 from serve.engine.llm_metrics import LLMMetrics, llm_metrics
 from serve.engine.prefix_cache import PrefixCache
 from serve.engine.scheduler import Chunk, Scheduler, StepPlan
-from serve.engine.sequence import EngineConfig, EngineRefused, Event, Events, Sequence
+from serve.engine.sequence import EngineRefused, Event, Events, Sequence
 from serve.runtime.logprobs import TokenLogprob
 from serve.runtime.protocol import GenerationParams
 from serve.runtime.sampling import Sampler
+from serve.settings import EngineConfig
 
 __all__ = ["Engine", "EngineConfig", "EngineRefused", "Event", "Events", "Sequence"]
 

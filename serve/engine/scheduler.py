@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from serve.engine.prefix_cache import PrefixCache
 
 if TYPE_CHECKING:
-    from serve.engine.sequence import EngineConfig, Sequence
+    from serve.engine.sequence import Sequence
+    from serve.settings import EngineConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The engine's request records: its limits, a sequence's state, the events it emits.
+"""The engine's request records: a sequence's state, the events it emits.
 
 (Kept apart from :mod:`serve.engine.core`, which re-exports them, so the scheduler and the
 runner share them without importing each other.)
@@ -7,48 +7,11 @@ runner share them without importing each other.)
 from __future__ import annotations
 
 import asyncio
-import warnings
 from dataclasses import dataclass, field
 
 from serve.runtime.logprobs import TokenLogprob
 from serve.runtime.protocol import GenerationParams
 from serve.runtime.sampling import Sampler
-
-
-@dataclass
-class EngineConfig:
-    """Scheduling limits of one engine (one worker).
-
-    Attributes:
-        max_running: Sequences decoded together (vLLM's ``max_num_seqs``).
-        max_kv_tokens: KV budget in tokens: every running sequence's prompt and generated
-            tokens, plus the prefix cache's blocks. A request needing more than this alone
-            (prompt + max new tokens) is refused.
-        max_waiting: Requests queued for admission; more are refused at once (503).
-        queue_timeout_s: Longest wait for admission before a 503 with ``Retry-After``.
-        max_num_batched_tokens: Tokens fed to the model in one step (vLLM's name): one per
-            decoding sequence plus prompt chunks up to the rest, so a long prompt or a
-            burst of them is prefilled over several steps, between the running streams'
-            decode steps. A step LM that cannot prefill in chunks gets whole prompts, at
-            least one per step.
-        max_prefill_tokens: Deprecated: a budget of prompt tokens per step alone (decode
-            tokens not counted); when set it replaces ``max_num_batched_tokens``.
-        prefix_cache: Reuse the KV of prompt prefixes across requests
-            (:mod:`serve.engine.prefix_cache`) where the step LM can copy KV rows.
-    """
-
-    max_running: int = 32
-    max_kv_tokens: int = 32_768
-    max_waiting: int = 256
-    queue_timeout_s: float = 30.0
-    max_num_batched_tokens: int = 2048
-    max_prefill_tokens: int | None = None
-    prefix_cache: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_prefill_tokens is not None:
-            warnings.warn("max_prefill_tokens is deprecated: use max_num_batched_tokens",
-                          DeprecationWarning, stacklevel=3)
 
 
 class EngineRefused(Exception):

@@ -26,11 +26,11 @@ from starlette.staticfiles import StaticFiles
 from serve.api.log_text import for_log, names_for_log
 from serve.api.openai_requests import CompletionRequest
 from serve.api.route_table import OTHER, RouteTable
-from serve.api.schemas import ServeSettings
 from serve.app.asgi import DirectRoutesApp, DirectRoutesFront
 from serve.app.auth import ApiKeyMiddleware
 from serve.app.connections import ConnectionLimits, guarded_protocol, install
 from serve.app.launcher import server_env, server_home
+from serve.settings import ServeSettings
 from tests.unit.test_direct_routes import _call, _Echo, _Inner, _scope
 
 KEY = "k3y"
