@@ -37,7 +37,7 @@ def unknown_architecture(tiny, tmp_path: Path) -> Path:
     folder = tmp_path / "unknown-arch"
     shutil.copytree(tiny["llama"], folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="qwen3_5_text", architectures=["Qwen3_5ForCausalLM"])
+    config.update(model_type="no_such_arch", architectures=["NoSuchArchForCausalLM"])
     (folder / "config.json").write_text(json.dumps(config))
     write_manifest(folder, Manifest(name="unknown-arch", task="text-generation",
                                     format="torch", precision="fp32"))
@@ -46,7 +46,7 @@ def unknown_architecture(tiny, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(("make", "expected"), [
     (truncated_weights, "SafetensorError"),
-    (unknown_architecture, "qwen3_5_text"),
+    (unknown_architecture, "no_such_arch"),
 ])
 def test_cli_serve_exits_2_with_one_error_line(make, expected, tiny, tmp_path, bentoml_env):
     artifact = make(tiny, tmp_path)
