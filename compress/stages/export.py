@@ -202,12 +202,21 @@ def check_causal_lm(torch_dir: Path, onnx_dir: Path, tolerance: float, n: int = 
             raise StageFailed("ONNX Runtime logits contain NaN/inf")
         diff = max(diff, float(np.abs(got - ref).max()))
         limit = max(limit, tolerance * max(1.0, float(np.abs(ref).max())))
-    greedy = [[int(np.argmax(step.prefill(slot, row)))] for slot, row in enumerate(rows)]
+    # torch's reference runs with min_new_tokens = max_new_tokens, which masks EOS
+    eos = model.generation_config.eos_token_id
+    eos_ids = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+
+    def pick(logits: np.ndarray) -> int:
+        logits = logits.copy()
+        logits[..., eos_ids] = -np.inf
+        return int(np.argmax(logits))
+
+    greedy = [[pick(step.prefill(slot, row))] for slot, row in enumerate(rows)]
     slots = list(range(len(rows)))
     for _ in range(max_new_tokens - 1):
         logits = step.decode(slots, [g[-1] for g in greedy])
         for out, row in zip(greedy, logits, strict=True):
-            out.append(int(np.argmax(row)))
+            out.append(pick(row))
     same = sum(got == ref for got, ref in zip(
         greedy, greedy_torch(torch_dir, prompts, max_new_tokens), strict=True))
     if diff > limit or same < n:

@@ -172,3 +172,31 @@ def test_old_recipes_graph_optimum_means_the_onnx_export():
 
     assert Int4Options(graph="optimum").graph == "onnx"
     assert Int4Options().graph == "onnx" and Int4Options(graph="genai").graph == "genai"
+
+
+def test_export_check_masks_eos_as_the_torch_reference_does(tiny, tmp_path):
+    """The torch reference decodes with min_new_tokens (EOS masked): the ONNX greedy check
+    must mask it too. Here EOS is the model's own first greedy token for every prompt, so an
+    unmasked check would stop agreeing at once (the real SmolLM2 demo hit this)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from compress.models import sample_texts
+    from compress.stages.export import check_causal_lm, copy_side_files
+
+    folder = tmp_path / "eos-first"
+    shutil.copytree(tiny["llama"], folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        firsts = {int(model(**tok(p, return_tensors="pt")).logits[0, -1].argmax())
+                  for p in sample_texts(4)}
+    config = GenerationConfig.from_pretrained(folder)
+    config.eos_token_id = sorted(firsts)
+    config.save_pretrained(folder)
+    export_onnx(folder, tmp_path / "onnx", "text-generation")
+    copy_side_files(folder, tmp_path / "onnx")
+    check = check_causal_lm(folder, tmp_path / "onnx", 1e-4)
+    assert check["greedy_identical"] == 1.0
