@@ -53,6 +53,7 @@ from serve.engine.batcher import MicroBatcher, batch_size_observer
 from serve.engine.core import Engine
 from serve.errors import ModelpressError
 from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import LMRuntime
 from serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ _UNTRACED: dict[str, Any] = (
     {} if _BENTOML_CONFIGURED else {"tracing": {"excluded_urls": [r"://[^/]*/classify$"]}})
 
 
-def start_engine(runtime: Any, settings: ServeSettings) -> Engine:
+def start_engine(runtime: LMRuntime, settings: ServeSettings) -> Engine:
     """The continuous-batching engine over ``runtime``'s step-level model."""
     config = settings.engine
     engine = Engine(runtime.step_lm(), set(runtime.eos_ids), config)

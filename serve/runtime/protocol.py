@@ -130,6 +130,30 @@ class Runtime(Protocol):
         ...
 
 
+class LMRuntime(Runtime, Protocol):
+    """What a text-generation runtime adds: what the engine, the token limits and the
+    OpenAI routes read (every LM runtime: torch, onnx, onnx-genai).
+
+    Attributes:
+        tokenizer: The artifact's Hugging Face tokenizer.
+        max_length: The model's context length in tokens (prompt plus completion).
+        eos_ids: Token ids that end a completion.
+    """
+
+    tokenizer: Any
+    max_length: int
+    eos_ids: frozenset[int]
+
+    def prompt_logits(self, ids: list[int]) -> Any:
+        """float32 logits ``[len(ids), vocab]``: row ``t`` predicts token ``t + 1``."""
+        ...
+
+    def step_lm(self) -> Any:
+        """A step-level LM (:class:`serve.runtime.step_lm.StepLM`) over this runtime's
+        model, shared with it (the continuous-batching engine drives it)."""
+        ...
+
+
 def require_task(manifest: Manifest, task: str) -> None:
     """Raise ``UnsupportedRequest`` unless the artifact is a ``task`` model."""
     if manifest.task != task:

@@ -1,0 +1,37 @@
+"""Every LM runtime (torch, ONNX, onnxruntime-genai) keeps the whole ``LMRuntime`` contract
+the engine, the token limits and the OpenAI routes read, with the same values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serve.runtime.loader import load_runtime
+from serve.runtime.protocol import LMRuntime
+from tests.unit.variant_fixtures import build_lm_variants
+
+FORMATS = ["merge", "onnx-fp32", "genai-fp32"]
+
+
+@pytest.fixture(scope="module")
+def runtimes(tiny, tmp_path_factory):
+    out = build_lm_variants(tiny, tmp_path_factory.mktemp("contract"), [
+        "{name: onnx-fp32, kind: export}",
+        "{name: genai-fp32, kind: export, format: onnx-genai, precision: fp32}"])
+    return {name: load_runtime(out / name, device="cpu") for name in FORMATS}
+
+
+def test_every_lm_runtime_keeps_the_contract(runtimes):
+    ids = list(runtimes["merge"].tokenizer("the movie is good")["input_ids"])
+    reference = runtimes["merge"].prompt_logits(ids)
+    for name, runtime in runtimes.items():
+        for attribute in LMRuntime.__annotations__:
+            assert hasattr(runtime, attribute), (name, attribute)
+        assert isinstance(runtime.max_length, int) and runtime.max_length > len(ids), name
+        assert isinstance(runtime.eos_ids, frozenset), name
+        assert runtime.eos_ids == runtimes["merge"].eos_ids, name
+        logits = runtime.prompt_logits(ids)
+        assert logits.shape == reference.shape, name
+        assert np.abs(logits - reference).max() < 1e-3, name
+        step = runtime.step_lm()
+        assert step.max_length <= runtime.max_length, name
