@@ -23,7 +23,13 @@ import numpy as np
 
 from serve.artifact import Manifest
 from serve.errors import ArtifactError
-from serve.runtime.protocol import Classification, Generation, GenerationParams, UnsupportedRequest
+from serve.runtime.protocol import (
+    Classification,
+    ContextLengthExceeded,
+    Generation,
+    GenerationParams,
+    UnsupportedRequest,
+)
 from serve.runtime.text import finish_generation
 
 log = logging.getLogger(__name__)
@@ -134,10 +140,23 @@ class GenaiRuntime:
         """Not supported: onnx-genai artifacts are causal LMs."""
         return self.classify(texts)
 
-    def _encode(self, prompts: list[str], max_new_tokens: int) -> tuple[np.ndarray, list[int]]:
-        room = max(1, self.context_length - max_new_tokens)
-        rows = [self.tokenizer(p, truncation=True, max_length=room)["input_ids"]
-                for p in prompts]
+    def _encode(self, prompts: list[str], max_new_tokens: int,
+                first: int = 0) -> tuple[np.ndarray, list[int]]:
+        """Left-padded ids and prompt lengths; a prompt is never cut (as in every runtime).
+
+        Args:
+            prompts: The prompts.
+            max_new_tokens: Tokens to generate after each.
+            first: The batch position of ``prompts[0]`` (for the error).
+
+        Raises:
+            ContextLengthExceeded: a prompt plus ``max_new_tokens`` exceeds the context.
+        """
+        rows = [self.tokenizer(p)["input_ids"] for p in prompts]
+        for i, row in enumerate(rows):
+            if len(row) + max_new_tokens > self.context_length:
+                raise ContextLengthExceeded(first + i, len(row), max_new_tokens,
+                                            self.context_length)
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int32)
         for i, row in enumerate(rows):
@@ -173,7 +192,8 @@ class GenaiRuntime:
         # onnxruntime-genai 0.11 and 0.18 continue left-padded rows wrongly (measured: a
         # padded row's greedy output differs from the same prompt alone), so prompts are batched
         # only with prompts of the same token length.
-        encoded = [self._encode([p], params.max_new_tokens)[0][0] for p in prompts]
+        encoded = [self._encode([p], params.max_new_tokens, i)[0][0]
+                   for i, p in enumerate(prompts)]
         groups: dict[int, list[int]] = {}
         for i, row in enumerate(encoded):
             groups.setdefault(len(row), []).append(i)

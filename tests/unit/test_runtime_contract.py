@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from serve.runtime.loader import load_runtime
-from serve.runtime.protocol import LMRuntime
+from serve.runtime.protocol import ContextLengthExceeded, GenerationParams, LMRuntime
 from tests.unit.variant_fixtures import build_lm_variants
 
 FORMATS = ["merge", "onnx-fp32", "genai-fp32"]
@@ -35,3 +35,12 @@ def test_every_lm_runtime_keeps_the_contract(runtimes):
         assert np.abs(logits - reference).max() < 1e-3, name
         step = runtime.step_lm()
         assert step.max_length <= runtime.max_length, name
+
+
+def test_every_lm_runtime_refuses_a_prompt_too_long_instead_of_cutting_it(runtimes):
+    for name, runtime in runtimes.items():
+        words = " ".join(["movie"] * (runtime.max_length + 8))
+        with pytest.raises(ContextLengthExceeded) as info:
+            runtime.generate(["short", words], GenerationParams(max_new_tokens=4))
+        assert info.value.index == 1, name
+        assert info.value.prompt_tokens > runtime.max_length, name
