@@ -13,6 +13,7 @@ import pytest
 from serve.engine.core import Engine, EngineConfig, EngineRefused
 from serve.runtime.loader import load_runtime
 from serve.runtime.protocol import GenerationParams
+from tests.unit.engine_steps import delivery_steps, interleaved
 from tests.unit.variant_fixtures import build_lm_variants
 
 FORMATS = ["merge", "onnx-fp32", "genai-fp32", "genai-int4"]
@@ -106,9 +107,10 @@ def test_engine_batched_greedy_equals_alone_and_streams_interleave(lms, fmt):
             together = await asyncio.gather(*(_collect(s) for s in seqs))
         finally:
             engine.close()
-        return alone, together
+        return alone, together, [s.id for s in seqs]
 
-    alone, together = asyncio.run(main())
+    with delivery_steps() as steps:
+        alone, together, ids = asyncio.run(main())
     if fmt.endswith("int4"):
         # MatMulNBits runs a batch of rows through other kernels than one row: a near-tie
         # in the tiny random model's logits can flip (measured: 60 of 60 equal in 10 runs)
@@ -116,8 +118,7 @@ def test_engine_batched_greedy_equals_alone_and_streams_interleave(lms, fmt):
     else:
         assert [t[0] for t in together] == alone  # fp32: exactly
     assert all(len(t[0]) == 30 and t[1] == "length" for t in together)
-    first_done = min(t[2][-1] for t in together)
-    assert all(t[2][0] < first_done for t in together)  # every stream started before any ended
+    assert interleaved(steps, ids)  # every stream started before any ended
 
 
 class _SlowLM:

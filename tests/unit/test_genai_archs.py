@@ -16,6 +16,7 @@ from serve.artifact import load_artifact
 from serve.engine.core import Engine, EngineConfig
 from serve.runtime.loader import load_runtime
 from serve.runtime.protocol import GenerationParams
+from tests.unit.engine_steps import delivery_steps, interleaved
 from tests.unit.tiny_decoders import build_decoder
 from tests.unit.variant_fixtures import run, write_texts
 
@@ -138,28 +139,28 @@ def test_engine_eight_streams_equal_each_alone(built, arch):
     prompts = [[2, *rng.integers(4, 80, size=n).tolist()] for n in (4, 11, 2, 7, 15, 5, 9, 3)]
     params = GenerationParams(max_new_tokens=N_NEW)
 
-    async def collect(seq) -> tuple[list[int], float, float]:
-        tokens, times = [], []
+    async def collect(seq) -> tuple[list[int]]:
+        tokens = []
         while (event := await seq.queue.get()).token is not None:
             tokens.append(event.token)
-            times.append(asyncio.get_running_loop().time())
-        return tokens, times[0], times[-1]
+        return (tokens,)
 
     async def main():
         # no EOS: every request runs its full length, so outputs compare token for token
         engine = Engine(runtime.step_lm(), set(), EngineConfig(max_running=8))
         try:
             alone = [(await collect(engine.submit(p, params)))[0] for p in prompts]
-            together = await asyncio.gather(*(collect(engine.submit(p, params))
-                                              for p in prompts))
+            seqs = [engine.submit(p, params) for p in prompts]
+            together = await asyncio.gather(*(collect(s) for s in seqs))
         finally:
             engine.close()
-        return alone, together
+        return alone, together, [s.id for s in seqs]
 
-    alone, together = asyncio.run(main())
+    with delivery_steps() as steps:
+        alone, together, ids = asyncio.run(main())
     assert [t[0] for t in together] == alone
     assert all(len(t[0]) == N_NEW for t in together)
-    assert max(t[1] for t in together) < min(t[2] for t in together)  # they interleaved
+    assert interleaved(steps, ids)
 
 
 def test_hybrid_state_continues_across_prefill_chunks_and_is_not_prefix_copied(built):
