@@ -110,6 +110,12 @@ class EngineConfig(_Group):
         description="Generation: tokens per engine step (one per decoding stream plus "
                     "prompt chunks): long prompts are prefilled in chunks between decode "
                     "steps.")
+    max_gap_ratio: float = Field(
+        2.0, ge=0,
+        description="Generation: while sequences decode, each step's prompt chunk is "
+                    "sized from measured step times so the step takes at most about this "
+                    "many decode steps (bounds the streams' inter-token gap while a long "
+                    "prompt prefills); 0 = chunks fill max_num_batched_tokens.")
     max_prefill_tokens: int | None = Field(
         None, ge=1, description="Deprecated: prompt tokens per engine step alone "
                                 "(replaces --max-num-batched-tokens when given).")
@@ -118,6 +124,9 @@ class EngineConfig(_Group):
 
     @model_validator(mode="after")
     def _deprecated(self) -> EngineConfig:
+        if 0 < self.max_gap_ratio < 1:
+            raise ValueError(f"max_gap_ratio: {self.max_gap_ratio:g} is below 1; give 0 "
+                             "(no pacing) or a ratio of at least 1")
         if self.max_prefill_tokens is not None:
             warnings.warn("max_prefill_tokens is deprecated: use max_num_batched_tokens",
                           DeprecationWarning, stacklevel=2)

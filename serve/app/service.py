@@ -85,10 +85,10 @@ def start_engine(runtime: LMRuntime, settings: ServeSettings) -> Engine:
     engine = Engine(runtime.step_lm(), set(runtime.eos_ids), config)
     log.info("generation engine: max_running=%d max_kv_tokens=%d max_waiting=%d "
              "queue_timeout_s=%g max_num_batched_tokens=%d max_prefill_tokens=%s "
-             "chunked_prefill=%s prefix_cache=%s", config.max_running,
+             "max_gap_ratio=%g chunked_prefill=%s prefix_cache=%s", config.max_running,
              config.max_kv_tokens, config.max_waiting, config.queue_timeout_s,
-             config.max_num_batched_tokens, config.max_prefill_tokens, engine.chunked,
-             engine.cache is not None)
+             config.max_num_batched_tokens, config.max_prefill_tokens,
+             config.max_gap_ratio, engine.chunked, engine.cache is not None)
     return engine
 
 

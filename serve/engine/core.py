@@ -32,9 +32,11 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from serve.engine.llm_metrics import LLMMetrics, llm_metrics
+from serve.engine.pacing import StepPacer
 from serve.engine.prefix_cache import PrefixCache
 from serve.engine.scheduler import Chunk, Scheduler, StepPlan
 from serve.engine.sequence import EngineRefused, Event, Events, Sequence
@@ -56,11 +58,14 @@ class Engine:
         eos_ids: Token ids that end a sequence (not emitted, not counted).
         config: Scheduling limits.
         metrics: Prometheus metrics (defaults to the process's).
+        clock: Seconds source of the step pacer's measurements.
     """
 
     def __init__(self, lm: Any, eos_ids: set[int], config: EngineConfig,
-                 metrics: LLMMetrics | None = None) -> None:
+                 metrics: LLMMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.lm = lm
+        self._clock = clock
         self.eos_ids = set(eos_ids)
         self.config = config
         self.metrics = metrics or llm_metrics()
@@ -70,7 +75,8 @@ class Engine:
         self.cache = (PrefixCache(on_counts=self._count_cache)
                       if config.prefix_cache and self.chunked
                       and getattr(lm, "copies_kv", False) else None)
-        self.scheduler = Scheduler(config, self.chunked, self.cache)
+        self.pacer = StepPacer(config.max_gap_ratio)
+        self.scheduler = Scheduler(config, self.chunked, self.cache, self.pacer)
         self.steps = 0  # model steps run (plans with work)
         self.max_running_seen = 0
         self._ids = itertools.count()
@@ -207,15 +213,18 @@ class Engine:
         self.max_running_seen = max(self.max_running_seen, running)
         if plan.chunks or plan.decodes:
             self.steps += 1
+        start = self._clock()
         for chunk in plan.chunks:
             self._prefill(chunk, step)
+        prefilled = self._clock()
         batch = [s for s in plan.decodes if not s.finished]
-        if not batch:
-            return
-        self.metrics.step_sequences.observe(len(batch))
-        logits = self.lm.decode([s.id for s in batch], [s.last_token for s in batch])
-        for seq, row in zip(batch, logits, strict=True):
-            self._emit(seq, seq.sampler(row), step)
+        if batch:
+            self.metrics.step_sequences.observe(len(batch))
+            logits = self.lm.decode([s.id for s in batch], [s.last_token for s in batch])
+            for seq, row in zip(batch, logits, strict=True):
+                self._emit(seq, seq.sampler(row), step)
+        self.pacer.observe(sum(c.stop - c.start for c in plan.chunks), prefilled - start,
+                           len(batch), self._clock() - prefilled)
 
     def _prefill(self, chunk: Chunk, step: Events) -> None:
         seq = chunk.seq

@@ -13,7 +13,10 @@ prefix-cache blocks are evicted first, then the latest admitted sequence is pree
 cache is freed and it goes back to the head of the waiting queue, to be prefilled again
 from its prompt plus the tokens it has generated (recompute, as vLLM does); its stream
 just pauses. A prompt longer than the step's token budget is prefilled in chunks over
-several steps, between the running streams' decode steps (chunked prefill).
+several steps, between the running streams' decode steps (chunked prefill); while
+sequences decode, a :class:`serve.engine.pacing.StepPacer` also caps a step's prompt tokens
+from measured step times, so a chunk stretches the streams' inter-token gap by a bounded
+ratio on any hardware.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from serve.engine.pacing import StepPacer
 from serve.engine.prefix_cache import PrefixCache
 
 if TYPE_CHECKING:
@@ -73,13 +77,16 @@ class Scheduler:
         config: The engine's limits.
         chunked: Whether the step LM can prefill a chunk into a slot that holds tokens.
         cache: The prefix cache, or ``None`` (off, or the step LM cannot copy KV rows).
+        pacer: Caps a step's prompt tokens from measured step times while sequences
+            decode (``None``: the token budget alone).
     """
 
     def __init__(self, config: EngineConfig, chunked: bool,
-                 cache: PrefixCache | None) -> None:
+                 cache: PrefixCache | None, pacer: StepPacer | None = None) -> None:
         self.config = config
         self.chunked = chunked
         self.cache = cache
+        self.pacer = pacer
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -111,6 +118,9 @@ class Scheduler:
         legacy = self.config.max_prefill_tokens
         budget = legacy if legacy is not None else max(
             self.config.max_num_batched_tokens - len(decoding), 1)
+        cap = self.pacer.chunk_cap(len(decoding)) if self.pacer is not None else None
+        if cap is not None:
+            budget = min(budget, cap)
         for seq in self.running:  # prompts already partly prefilled go on first
             if not seq.prefilled:
                 budget -= self._chunk(seq, seq.computed, None, budget, plan)

@@ -122,9 +122,12 @@ class GenaiStepLM:
         fresh = [np.zeros((rows, heads, length, size), dtype=self._kv_dtype)
                  for heads, size in self._kv_dims]
         used = len(self._rows)
-        for old, new in zip(self._buffers, fresh, strict=False):
-            keep = min(old.shape[2], length)
-            new[:used, :, :keep] = old[:used, :, :keep]
+        # each row's own tokens only: copying the old capacity would touch (and fault in)
+        # rows x old length, seconds once a long prompt has doubled it (issue 21)
+        for row in range(used):
+            keep = min(int(self._lengths[row]), length)
+            for old, new in zip(self._buffers, fresh, strict=False):
+                new[row, :, :keep] = old[row, :, :keep]
         lengths = np.zeros(rows, dtype=np.int64)
         lengths[:used] = self._lengths[:used]
         states = [np.zeros((rows, *dims), dtype=dtype) for dims, dtype in self._state_dims]
