@@ -1,14 +1,15 @@
 """Chunked prefill over HTTP: a long prompt arrives while streams decode.
 
-Per ``--budgets`` value, starts ``modelpress serve --max-num-batched-tokens B`` on one
-artifact (stopped by PID): ``--streams`` greedy completions of ``--new-tokens`` decode;
-once each has streamed ``--lead`` chunks, one ``--prompt-tokens`` prompt arrives. Reports
+Per ``--budgets`` × ``--gap-ratios`` pair, starts ``modelpress serve
+--max-num-batched-tokens B --max-gap-ratio R`` on one artifact (stopped by PID):
+``--streams`` greedy completions of ``--new-tokens`` decode; once each has streamed
+``--lead`` chunks, one ``--prompt-tokens`` prompt arrives. Reports
 the streams' longest gap between two chunks against their median gap, and the long
 prompt's TTFT. Also (``--overhead``) served 1-stream tok/s against the in-process engine
 (``bench.engine_speed``'s measure) on the same artifact in the same run.
 
     python -m bench.chunked_prefill build/bench/artifacts-smollm2/genai-int4 \\
-        --budgets 2048 256 64 --overhead
+        --budgets 2048 --gap-ratios 2 0 --overhead
 """
 
 from __future__ import annotations
@@ -133,7 +134,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[2048, 256, 64])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[2048])
+    parser.add_argument("--gap-ratios", type=float, nargs="+", default=[2.0, 0.0],
+                        help="--max-gap-ratio values (0: chunks fill the budget)")
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--lead", type=int, default=8)
@@ -142,13 +145,16 @@ def main() -> None:
     args = parser.parse_args()
     prompt = long_prompt(args.artifact, args.prompt_tokens)
     report: dict = {"artifact": str(args.artifact), "streams": args.streams,
-                    "prompt_tokens": args.prompt_tokens, "budgets": {}}
+                    "prompt_tokens": args.prompt_tokens, "runs": {}}
+    pairs = [(b, r) for b in args.budgets for r in args.gap_ratios]
     with tempfile.TemporaryDirectory() as work:
-        for i, budget in enumerate(args.budgets):
-            server = start(args.artifact, Path(work), f"b{budget}",
-                           ["--max-num-batched-tokens", str(budget)])
+        for i, (budget, ratio) in enumerate(pairs):
+            name = f"budget {budget}, gap ratio {ratio:g}"
+            server = start(args.artifact, Path(work), f"b{budget}-r{ratio:g}",
+                           ["--max-num-batched-tokens", str(budget),
+                            "--max-gap-ratio", f"{ratio:g}"])
             try:
-                report["budgets"][budget] = asyncio.run(interference(
+                report["runs"][name] = asyncio.run(interference(
                     server.url, args.streams, args.new_tokens, args.lead, prompt))
                 if args.overhead and i == 0:
                     report["served_1_stream"] = asyncio.run(served_one_stream(

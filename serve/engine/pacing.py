@@ -13,9 +13,9 @@ still prefills in chunks as large as the budget allows.
 
 from __future__ import annotations
 
-#: Fewest prompt tokens a paced step prefills (one prefix-cache block): a prompt always
-#: makes progress, and the first chunk measures the cost of a prompt token.
-MIN_CHUNK = 16
+#: Fewest prompt tokens a paced step prefills: a prompt always makes progress, and the
+#: first chunk measures the cost of a prompt token.
+MIN_CHUNK = 8
 
 _WEIGHT = 0.25  # of the newest measurement in the moving averages
 

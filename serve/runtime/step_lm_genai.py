@@ -8,8 +8,10 @@ only for CUDA/WebGPU fp16), so it cannot join streams mid-flight. The builder's
 ``model.onnx`` itself can: its ``GroupQueryAttention`` reads each row's length from
 ``attention_mask`` and writes the new key/value at that position of a shared past/present
 buffer. This module keeps one such buffer per layer, ``[rows, kv_heads, length,
-head_size]``, a row per running sequence, binds it as both past and present (IOBinding,
-no copy per step) and runs every running sequence's next token as one batch of
+head_size]``, a row per running sequence, in a :class:`serve.runtime.kv_arena.KVArena`
+(reserved up front by :meth:`GenaiStepLM.reserve` as address space, committed as tokens
+are written, so a long prompt never makes the buffers grow and copy while other streams
+wait), binds it as both past and present (IOBinding, no copy per step) and runs every running sequence's next token as one batch of
 right-padded rows; a graph with a ``position_ids`` input (RoPE outside the attention op)
 gets each row's own positions. Greedy outputs equal onnxruntime-genai's lone
 ``Generator`` (tests/unit/test_engine.py, test_genai_archs.py). A dynamic-int8 model runs
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from serve.errors import ArtifactError
+from serve.runtime.kv_arena import KVArena
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ class GenaiStepLM:
         self._kv_dims = [tuple(d if isinstance(d, int) else f for d, f in
                                zip(inputs[name].shape[1::2], default, strict=True))
                          for name in self._past]
-        self._buffers: list[np.ndarray] = []
+        self._arena: KVArena | None = None
         self._state_buffers: list[np.ndarray] = []
         self._rows: dict[int, int] = {}  # slot → row of the buffers
         self._lengths = np.zeros(0, dtype=np.int64)  # tokens cached per row
@@ -119,26 +122,36 @@ class GenaiStepLM:
     def _allocate(self, rows: int, length: int) -> None:
         """(Re)allocate the buffers with ``rows`` × ``length``, keeping the cached rows."""
         length = min(length, self.max_length)
-        fresh = [np.zeros((rows, heads, length, size), dtype=self._kv_dtype)
-                 for heads, size in self._kv_dims]
+        arena = KVArena(self._kv_dims, self._kv_dtype, rows, length)
         used = len(self._rows)
-        # each row's own tokens only: copying the old capacity would touch (and fault in)
-        # rows x old length, seconds once a long prompt has doubled it (issue 21)
-        for row in range(used):
-            keep = min(int(self._lengths[row]), length)
-            for old, new in zip(self._buffers, fresh, strict=False):
-                new[row, :, :keep] = old[row, :, :keep]
+        if self._arena is not None:
+            arena.copy_rows(self._arena, self._lengths[:used])
         lengths = np.zeros(rows, dtype=np.int64)
         lengths[:used] = self._lengths[:used]
         states = [np.zeros((rows, *dims), dtype=dtype) for dims, dtype in self._state_dims]
         for old, new in zip(self._state_buffers, states, strict=False):
             new[:used] = old[:used]
-        self._buffers, self._lengths, self._state_buffers = fresh, lengths, states
-        log.debug("KV buffer: %d rows × %d tokens", rows, length)
+        self._arena, self._lengths, self._state_buffers = arena, lengths, states
+        log.debug("KV buffers: %d rows × %d tokens (%.1f GB of address space)", rows, length,
+                  arena.reserved_bytes / 1e9)
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Reserve room for ``rows`` sequences of ``length`` tokens now, so the buffers never
+        grow (and copy) while requests run: address space only, memory is committed as
+        tokens are written. Without it, or past it, the buffers grow by doubling."""
+        rows = max(rows, self._arena.rows)
+        length = max(min(length, self.max_length), self._arena.length)
+        if (rows, length) == (self._arena.rows, self._arena.length):
+            return
+        try:
+            self._allocate(rows, length)
+        except OSError as exc:  # address space refused (strict overcommit): grow instead
+            log.warning("could not reserve KV room for %d × %d tokens (%s); the buffers "
+                        "grow as needed", rows, length, exc)
 
     def _reserve(self, need_length: int) -> int:
         """A free row with room for ``need_length`` tokens (grows the buffers by doubling)."""
-        rows, length = self._buffers[0].shape[0], self._buffers[0].shape[2]
+        rows, length = self._arena.rows, self._arena.length
         used = len(self._rows)
         if used >= rows or need_length > length:
             while rows <= used:
@@ -167,7 +180,7 @@ class GenaiStepLM:
             if self._position_rank == 3:
                 positions = np.repeat(positions[None], 3, axis=0)
             binding.bind_cpu_input(self._positions, positions.astype(np.int64))
-        for past, present, buffer in zip(self._past, self._present, self._buffers,
+        for past, present, buffer in zip(self._past, self._present, self._arena.buffers,
                                          strict=True):
             value = ort.OrtValue.ortvalue_from_numpy(buffer[first:stop])
             binding.bind_ortvalue_input(past, value)
@@ -211,14 +224,14 @@ class GenaiStepLM:
 
     def _grow(self, need_length: int) -> None:
         """Make the buffers at least ``need_length`` tokens long (doubling)."""
-        length = self._buffers[0].shape[2]
+        length = self._arena.length
         if need_length > length:
-            self._allocate(self._buffers[0].shape[0], max(need_length, 2 * length))
+            self._allocate(self._arena.rows, max(need_length, 2 * length))
 
     def read_kv(self, slot: int, start: int, stop: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """A copy of ``slot``'s keys/values at ``[start, stop)`` per layer."""
         row = self._rows[slot]
-        buffers = [b[row, :, start:stop].copy() for b in self._buffers]
+        buffers = [b[row, :, start:stop].copy() for b in self._arena.buffers]
         return list(zip(buffers[0::2], buffers[1::2], strict=True))
 
     def load_prefix(self, slot: int, blocks: list[list[tuple[np.ndarray, np.ndarray]]]
@@ -233,8 +246,8 @@ class GenaiStepLM:
         for block in blocks:
             width = int(block[0][0].shape[1])
             for layer, (keys, values) in enumerate(block):
-                self._buffers[2 * layer][row, :, at:at + width] = keys
-                self._buffers[2 * layer + 1][row, :, at:at + width] = values
+                self._arena.buffers[2 * layer][row, :, at:at + width] = keys
+                self._arena.buffers[2 * layer + 1][row, :, at:at + width] = values
             at += width
         self._lengths[row] = n
 
@@ -270,10 +283,10 @@ class GenaiStepLM:
         if row != last:
             moved = next(s for s, r in self._rows.items() if r == last)
             n = int(self._lengths[last])
-            for buffer in self._buffers:
-                buffer[row, :, :n] = buffer[last, :, :n]
+            self._arena.move_row(last, row, n)
             for buffer in self._state_buffers:
                 buffer[row] = buffer[last]
             self._lengths[row] = n
             self._rows[moved] = row
         self._lengths[last] = 0
+        self._arena.release(last)
