@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from compress.stages.genai_build import GenaiBuildError, check_genai_supported
+from compress.tiny_archs import build_decoder
 from serve.artifact import load_artifact
 from serve.engine.core import Engine, EngineConfig
 from serve.runtime.loader import load_runtime
 from serve.runtime.protocol import GenerationParams
 from tests.unit.engine_steps import delivery_steps, interleaved
-from tests.unit.tiny_decoders import build_decoder
 from tests.unit.variant_fixtures import run, write_texts
 
 # SmolLM3: layer 1 without RoPE; HunYuanDenseV1: a graph with position_ids input
@@ -28,6 +28,10 @@ ARCHS = ["Gemma3", "Gemma2", "Gemma", "Qwen3", "Qwen2", "Mistral", "Phi3", "Phi3
 QUANTIZED = {"Gemma3": ["int4"], "Qwen3": ["int4"], "SmolLM3": ["int4"],
              "Qwen3_5": ["int4", "int8"]}
 N_NEW = 20
+# 2 layers, windows of 16 (shorter than a prompt plus N_NEW tokens), wide random weights
+# (distinct greedy tokens); this path's Phi-3 has no window and an original context of 128
+GENAI_SHAPE = {"layers": 2, "window": 16, "init_std": 0.5}
+GENAI_FIELDS = {"phi3": {"sliding_window": None, "original_max_position_embeddings": 128}}
 EOS = 3  # compress.tiny's </s>
 
 
@@ -36,7 +40,7 @@ def built(tmp_path_factory):
     out = {}
     for arch in ARCHS:
         root = tmp_path_factory.mktemp(f"genai-{arch}")
-        base = build_decoder(arch, root / "base")
+        base = _base(arch, root / "base")
         write_texts(root / "eval.jsonl", 6, labels=False)
         quantized = "".join(f"  - {{name: genai-{p}, kind: export, format: onnx-genai, "
                             f"precision: {p}, block_size: 16}}\n"
@@ -56,6 +60,11 @@ variants:
         for precision in QUANTIZED.get(arch, []):
             out[f"{arch}-{precision}"] = (base, folder / f"genai-{precision}")
     return out
+
+
+def _base(arch: str, dst):
+    """This module's tiny ``arch`` decoder (``ARCHS`` spelling) in ``dst``."""
+    return build_decoder(arch.lower(), dst, **GENAI_SHAPE, fields=GENAI_FIELDS.get(arch.lower()))
 
 
 def _prompts(vocab: int) -> list[list[int]]:
