@@ -164,3 +164,14 @@ def test_no_module_is_over_the_line_limit() -> None:
     long = {name: n for name, path in module_names().items()
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them): {long}"
+
+
+def test_every_runtime_the_loader_names_is_a_class_of_the_runtime_layer() -> None:
+    # The loader imports its runtimes by name, so the AST walk above does not see them.
+    from serve.runtime.loader import RUNTIMES
+
+    modules = module_names()
+    for fmt, target in RUNTIMES.items():
+        module, _, name = target.partition(":")
+        assert module in modules and LAYERS[layer_of(module)][0] == "runtime", (fmt, target)
+        assert f"\nclass {name}(" in modules[module].read_text(), (fmt, target)
