@@ -174,4 +174,6 @@ def test_every_runtime_the_loader_names_is_a_class_of_the_runtime_layer() -> Non
     for fmt, target in RUNTIMES.items():
         module, _, name = target.partition(":")
         assert module in modules and LAYERS[layer_of(module)][0] == "runtime", (fmt, target)
-        assert f"\nclass {name}(" in modules[module].read_text(), (fmt, target)
+        tree = ast.parse(modules[module].read_text())
+        assert any(isinstance(node, ast.ClassDef) and node.name == name
+                   for node in tree.body), (fmt, target)
