@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.artifact import ArtifactError, Manifest, load_artifact, write_manifest
+from serve.artifact import ArtifactError, load_artifact
 from tests.conftest import ROOT, run_cli
 
 RECIPE = """name: cli
@@ -136,16 +136,3 @@ def test_bad_inputs_give_one_line_and_exit_2(tmp_path, tiny):
     corrupt = _recipe(tmp_path, corrupt_base, tiny["llama-lora"], name="corrupt.yaml")
     _assert_one_line_error(run_cli("compress", str(corrupt), "--out", str(out)),
                            f"{weights}: corrupt safetensors file", out)
-
-
-def test_serve_refuses_a_format_no_runtime_serves_before_starting(tmp_path):
-    folder = tmp_path / "art"
-    folder.mkdir()
-    (folder / "model.tflite").write_bytes(b"weights")
-    write_manifest(folder, Manifest(name="art", task="text-generation", format="tflite",
-                                    precision="fp32"))
-    result = run_cli("serve", str(folder), "--port", "1")
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2, result.stderr
-    want = "unknown artifact format 'tflite'; known formats: onnx, onnx-genai, torch"
-    assert len(errors) == 1 and want in errors[0], result.stderr

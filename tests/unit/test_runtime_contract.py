@@ -10,6 +10,7 @@ from serve.artifact import Manifest, write_manifest
 from serve.errors import ArtifactError
 from serve.runtime.loader import RUNTIMES, load_runtime
 from serve.runtime.protocol import ContextLengthExceeded, GenerationParams, LMRuntime
+from tests.conftest import run_cli
 from tests.unit.variant_fixtures import build_lm_variants
 
 FORMATS = ["merge", "onnx-fp32", "genai-fp32"]
@@ -54,8 +55,13 @@ def test_a_manifest_whose_format_no_runtime_serves_is_refused_in_one_line(tmp_pa
     (folder / "model.tflite").write_bytes(b"weights")
     write_manifest(folder, Manifest(name="art", task="text-generation", format="tflite",
                                     precision="fp32"))
+    want = "unknown artifact format 'tflite'; known formats: onnx, onnx-genai, torch"
     with pytest.raises(ArtifactError) as info:
         load_runtime(folder, device="cpu")
-    assert str(info.value) == (f"{folder}: unknown artifact format 'tflite'; known formats: "
-                               f"{', '.join(sorted(RUNTIMES))}")
+    assert str(info.value) == f"{folder}: {want}"
     assert sorted(RUNTIMES) == ["onnx", "onnx-genai", "torch"]
+    # modelpress serve refuses it before it starts a server
+    result = run_cli("serve", str(folder), "--port", "1")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1 and want in errors[0], result.stderr
