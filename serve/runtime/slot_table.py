@@ -7,15 +7,13 @@ row's padding and explicit ``position_ids`` (the row's own length), so a sequenc
 positions and attended keys are exactly those of the sequence decoded alone, whichever
 group it is in.
 
-Groups keep one long sequence from inflating the short ones: rows x width of a single
-batch would make every short row pay the long one's width (and each decode step of an
-ONNX graph copies past into present, rows x width again). The decoded slots, sorted by
-length, are split into contiguous runs minimizing ``sum(pass_tokens + rows x width)``
-(:func:`partition`): ``pass_tokens`` prices one more forward (one more pass over the
-weights) in token-rows of KV. Groups are recomputed only when the set of decoded slots
-changes (a slot joins, leaves or is freed); a group whose members did not change keeps
-its arrays (no copy), so a steady decode copies nothing. A prefilled slot keeps its own
-cache until the next decode that includes it; a freed slot's rows are released at once.
+Groups keep a long sequence from widening the short ones' batch (each ONNX decode step
+also copies past into present: rows x width again). The decoded slots, sorted by length,
+are split into contiguous runs minimizing ``sum(pass_tokens + rows x width)``
+(:func:`partition`; ``pass_tokens`` prices one more forward in token-rows of KV), again
+only when the set of decoded slots changes (a join, leave or free); a group whose members
+did not change keeps its arrays, so a steady decode copies nothing. A prefilled slot keeps
+its own cache until the next decode that includes it; a freed slot's rows go at once.
 """
 
 from __future__ import annotations
@@ -263,17 +261,18 @@ class SlotTable:
             if slot not in slots and slot in self.lengths:
                 self._solo[slot] = [(_copy(k), _copy(v)) for k, v in self._own(slot)]
         kept = {frozenset(group.rows): group for group in self._groups}
-        groups = []
-        for members in partition([self.lengths[s] for s in slots], self.pass_tokens):
-            rows = [slots[i] for i in members]
-            group = kept.get(frozenset(rows)) or self._lay_out(rows)
-            groups.append(group)
-        self._groups = groups
+        runs = partition([self.lengths[s] for s in slots], self.pass_tokens)
+        self._groups = [kept.get(frozenset(rows)) or self._lay_out(rows)
+                        for rows in ([slots[i] for i in run] for run in runs)]
         for slot in slots:
             self._solo.pop(slot, None)
 
     def _lay_out(self, rows: list[int]) -> Group:
-        """A new group for ``rows``, copied from their current caches."""
+        """A new group for ``rows``, copied from their current caches (a lone slot's own
+        cache becomes a one-row group as it is: it has no padding to add)."""
+        self.layout += 1
+        if len(rows) == 1 and rows[0] in self._solo:
+            return Group(rows, self._solo[rows[0]], self.layout)
         sources = [self._own(slot) for slot in rows]
         width = max(self.lengths[slot] for slot in rows)
         kv: list[LayerKV] = []
@@ -289,7 +288,6 @@ class SlotTable:
                 keys[row, :, width - n:] = src[layer][0][0]
                 values[row, :, width - n:] = src[layer][1][0]
             kv.append((keys, values))
-        self.layout += 1
         log.debug("decode group laid out: %d rows x %d tokens", len(rows), width)
         return Group(rows, kv, self.layout)
 
