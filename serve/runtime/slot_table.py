@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 #: ``(None, None)`` for a layer that reuses another layer's keys (Gemma 4's KV sharing).
 LayerKV = tuple[Any, Any]
 
-#: Token-rows of KV that cost as much as one more forward over the weights. Measured on
-#: SmolLM2-135M fp32 (ONNX and torch, 2 CPU cores; docs/benchmarks.md, "Decode groups"):
-#: a decode step costs about one weight pass plus 0.4-0.6 µs per token-row of KV.
+#: Token-rows of KV that cost as much as one more forward (a pass over the weights). A
+#: SmolLM2-135M fp32 decode step on 2 CPU cores costs ~27 ms + 16 µs per token-row through
+#: ONNX (~1,600) and ~40 ms + 9 µs through torch (~4,500) (docs/benchmarks.md, "Decode
+#: groups"); the step LMs pass their own value, this is the default.
 PASS_TOKENS = 2048
 
 

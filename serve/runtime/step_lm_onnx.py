@@ -75,8 +75,10 @@ class OnnxStepLM:
         self._branch = "use_cache_branch" in inputs  # older merged decoders
         vocab = session.get_outputs()[0].shape[-1]
         self.vocab_size = int(vocab) if isinstance(vocab, int) else -1
+        # one more forward costs ~1,600 token-rows of KV (SmolLM2 fp32, docs/benchmarks.md;
+        # fewer with int4 weights): past is copied into present every step
         self.table = SlotTable(self.max_length,
-                               lambda like, shape: np.zeros(shape, dtype=like.dtype))
+                               lambda like, shape: np.zeros(shape, dtype=like.dtype), 1536)
 
     def _empty(self, rows: int) -> list[LayerKV]:
         out = []
