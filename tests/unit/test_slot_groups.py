@@ -168,14 +168,9 @@ def test_free_and_preemption_release_every_slot(lms, fmt):
     assert lm.table.lengths == {} and lm.table.groups == ()
 
 
-@pytest.mark.parametrize("fmt", ["torch", "onnx"])
-def test_schedule_with_groups_equals_alone(lms, fmt):
-    """test_step_lm's join/leave/subset schedule, with groups forming at the tiny scale."""
-    lm = lms[fmt].step_lm()
-    lm.table.pass_tokens = 4
-    prompts = _prompts(lm.vocab_size, (60, 9, 30, 7, 5, 12))
-    solo = [alone(lm, p, n) for p, (_, _, n) in zip(prompts, SCHEDULE, strict=True)]
-    counts = []
+def _counting(lm) -> list[int]:
+    """The number of decode groups after each of ``lm``'s decode steps, from now on."""
+    counts: list[int] = []
     decode = lm.decode
 
     def counted(slots, tokens):
@@ -184,9 +179,41 @@ def test_schedule_with_groups_equals_alone(lms, fmt):
         return out
 
     lm.decode = counted
+    return counts
+
+
+@pytest.mark.parametrize("fmt", ["torch", "onnx"])
+def test_schedule_with_groups_equals_alone(lms, fmt):
+    """test_step_lm's join/leave/subset schedule, with groups forming at the tiny scale."""
+    lm = lms[fmt].step_lm()
+    lm.table.pass_tokens = 4
+    prompts = _prompts(lm.vocab_size, (60, 9, 30, 7, 5, 12))
+    solo = [alone(lm, p, n) for p, (_, _, n) in zip(prompts, SCHEDULE, strict=True)]
+    counts = _counting(lm)
     got, logits = interleaved(lm, prompts)
     assert max(counts) >= 3  # several groups really ran side by side
     for i, (_, _, n) in enumerate(SCHEDULE):
         assert got[i] == solo[i][0][:n], i
         np.testing.assert_allclose(logits[i], solo[i][1][:n], atol=1e-5)
+    assert lm.table.lengths == {} and lm.table.groups == ()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3_5"])
+def test_groups_with_sliding_windows_and_linear_states(arch, tmp_path):
+    """Sliding-window masks per group (Gemma 3) and linear-attention states slotted per
+    group (Qwen3.5): the join/leave/subset schedule in several groups equals alone."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.tiny_archs import build_decoder
+    from serve.runtime.step_lm_torch import TorchStepLM
+
+    model = AutoModelForCausalLM.from_pretrained(build_decoder(arch, tmp_path / arch)).eval()
+    lm = TorchStepLM(model, 128)
+    lm.table.pass_tokens = 4
+    prompts = _prompts(lm.vocab_size, (60, 9, 30, 7, 5, 12))
+    solo = [alone(lm, p, n)[0] for p, (_, _, n) in zip(prompts, SCHEDULE, strict=True)]
+    counts = _counting(lm)
+    got, _ = interleaved(lm, prompts)
+    assert max(counts) >= 3
+    assert [got[i] for i in range(len(SCHEDULE))] == solo
     assert lm.table.lengths == {} and lm.table.groups == ()
