@@ -42,6 +42,7 @@ from serve.artifact import (
     write_manifest,
 )
 from serve.errors import ModelpressError
+from serve.runtime.loader import check_format
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def run_stages(recipe: Recipe, out: Path, report: Report = lambda m: None,
                         "seconds": round(seconds, 3), "metrics": result.metrics,
                         "details": result.details}
                 manifest = write_manifest(tmp, Manifest(
-                    name=kind, task=recipe.task, format=result.format,
+                    name=kind, task=recipe.task, format=check_format(result.format, dst),
                     precision=result.precision, metrics=result.metrics,
                     lineage={"cache_key": key, "inputs": stage_inputs,
                              "recipe": recipe.name, "stages": [*history, step]}))

@@ -30,7 +30,6 @@ TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
 
 Task = Literal["text-classification", "text-generation"]
-Format = Literal["torch", "onnx", "onnx-genai"]
 
 
 class FileEntry(BaseModel):
@@ -56,7 +55,9 @@ class Manifest(BaseModel):
         schema_version: Version of this schema.
         name: Artifact name (stage kind or variant name).
         task: ``text-classification`` or ``text-generation``.
-        format: ``torch``, ``onnx`` or ``onnx-genai`` (onnxruntime-genai folder).
+        format: The runtime that serves it (``torch``, ``onnx``, ``onnx-genai``, ...);
+            the list is ``serve/runtime/loader.py``'s ``RUNTIMES``, checked where the
+            artifact is written and loaded.
         precision: Weight precision or quantization method (``fp32``, ``int8-dynamic``, ...).
         files: Every file in the folder except the manifest, with size and hash.
         lineage: Inputs (paths + hashes), the cache key and each stage's resolved config,
@@ -73,7 +74,7 @@ class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     name: str
     task: Task
-    format: Format
+    format: str = Field(min_length=1)
     precision: str
     files: list[FileEntry] = Field(default_factory=list)
     lineage: dict[str, Any] = Field(default_factory=dict)

@@ -27,10 +27,12 @@ def command(
     from serve.app import start_failure
     from serve.app.launcher import ServerHandle, server_home, spawn
     from serve.artifact import load_artifact
+    from serve.runtime.loader import check_format
 
     settings = settings_from({**options, "artifact": str(artifact.resolve())}, option_name)
     console = Console(stderr=True)
     manifest = load_artifact(artifact).manifest  # hashes verified: a bad artifact stops here
+    check_format(manifest.format, artifact)
     home = server_home(port)  # its own metrics store
     failure_file = home / start_failure.FILE_NAME
     process = spawn(settings, host, port,

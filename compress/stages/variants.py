@@ -39,6 +39,7 @@ from serve.artifact import (
     tree_digest,
     write_manifest,
 )
+from serve.runtime.loader import check_format
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,15 @@ __all__ = ["VariantFailed", "build_variant", "variant_plan"]
 def variant_plan(recipe: Recipe, variant: Any) -> tuple[str, str]:
     """Check a variant against the recipe and machine; return its (format, precision).
 
-    The check is the registered method's ``plan`` (``compress/stages/methods.py``).
+    The check is the registered method's ``plan`` (``compress/stages/methods.py``); the
+    format it plans must be one a runtime serves (``serve/runtime/loader.py``).
 
     Raises:
         compress.stages.variant_inputs.VariantError: naming the variant and what to change.
+        ArtifactError: The method plans a format no runtime serves.
     """
-    return registry.method_of(variant).plan(recipe, variant)
+    fmt, precision = registry.method_of(variant).plan(recipe, variant)
+    return check_format(fmt, f"variant {variant.name}"), precision
 
 
 def _weight_bytes(folder: Path) -> int:
@@ -99,7 +103,7 @@ def build_variant(recipe: Recipe, variant: Any, reference_dir: Path, dst: Path,
     """
     try:
         method = registry.method_of(variant)
-        fmt, precision = method.plan(recipe, variant)
+        fmt, precision = variant_plan(recipe, variant)
         reference = load_artifact(reference_dir).manifest
         key = _cache_key(recipe, variant, reference)
         try:

@@ -37,7 +37,10 @@ from serve.api.backend import Backend
 from serve.api.body import read_body
 from serve.api.classify_route import ClassifyEndpoint
 from serve.api.http_errors import error_response
+from serve.api.openapi import DocumentedRoute, RouteDoc
 from serve.api.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
     GenerateItem,
     GenerateRequest,
     GenerateResponse,
@@ -146,8 +149,6 @@ def without_paths(value: Any) -> Any:
 
 def build_routes(get_backend: Callable[[], Backend]) -> list:
     """Routes for ``/classify``, ``/generate`` and ``/metadata``."""
-    from starlette.routing import Route
-
     guard = endpoint(get_backend)
 
     @guard
@@ -178,6 +179,13 @@ def build_routes(get_backend: Callable[[], Backend]) -> list:
     async def metadata(request: Request) -> Response:
         return JSONResponse(without_paths(get_backend().service.metadata()))
 
-    return [Route("/classify", ClassifyEndpoint(get_backend), methods=["POST"]),
-            Route("/generate", generate, methods=["POST"]),
-            Route("/metadata", metadata, methods=["GET"])]
+    return [
+        DocumentedRoute("/classify", ClassifyEndpoint(get_backend), "POST", RouteDoc(
+            "Classify texts (text-classification artifacts).", ClassifyRequest,
+            ClassifyResponse, example={"texts": ["a fine, moving film"]})),
+        DocumentedRoute("/generate", generate, "POST", RouteDoc(
+            "Complete prompts; `stream: true` answers server-sent events (one prompt).",
+            GenerateRequest, GenerateResponse, streams=True,
+            example={"prompts": ["Once upon a time"], "max_new_tokens": 16})),
+        DocumentedRoute("/metadata", metadata, "GET", RouteDoc(
+            "The artifact's manifest summary and server limits."))]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -39,6 +39,7 @@ from serve.api.chat import chat_prompt_ids, plain_messages
 from serve.api.completion_prompts import completion_prompts
 from serve.api.http_api import endpoint
 from serve.api.openai_requests import ChatRequest, CompletionRequest, OpenAIParams
+from serve.api.openapi import DocumentedRoute, RouteDoc
 from serve.api.schemas import GenerateItem, check_max_new_tokens
 from serve.api.sse import sse, streaming_response
 from serve.api.token_limits import check_room_count, context_length
@@ -52,6 +53,8 @@ from serve.runtime.logprobs import (
     prompt_logprobs,
     token_namer,
 )
+
+R = TypeVar("R", bound=OpenAIParams)
 
 
 async def _grammar(backend: Backend, req: OpenAIParams) -> Grammar | None:
@@ -124,19 +127,21 @@ def _one_chunk_stream(chunk: dict, usage: dict | None) -> Response:
 
 def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
     """Routes under ``/v1``."""
-    from starlette.routing import Route
-
     guard = endpoint(get_backend)
 
     def model_name(backend: Backend) -> str:
         return backend.runtime.manifest.name
 
+    async def parsed(request: Request, model: type[R], path: str) -> tuple[Backend, R]:
+        """The backend and the request's body as ``model``, checked for ``path``."""
+        backend = get_backend()
+        req = await backend.parse(request, model, path, "text-generation", "/classify")
+        req.check(path)
+        return backend, req
+
     @guard
     async def completions(request: Request) -> Response:
-        backend = get_backend()
-        req = await backend.parse(request, CompletionRequest, "/v1/completions",
-                                  "text-generation", "/classify")
-        req.check("/v1/completions")
+        backend, req = await parsed(request, CompletionRequest, "/v1/completions")
         max_tokens = req.max_tokens  # OpenAI's default: 16
         if max_tokens is None:
             max_tokens = min(16, backend.limits.max_new_tokens)
@@ -203,10 +208,7 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
 
     @guard
     async def chat_completions(request: Request) -> Response:
-        backend = get_backend()
-        req = await backend.parse(request, ChatRequest, "/v1/chat/completions",
-                                  "text-generation", "/classify")
-        req.check("/v1/chat/completions")
+        backend, req = await parsed(request, ChatRequest, "/v1/chat/completions")
         messages = plain_messages(req.messages, backend.limits.max_text_chars)
         ids = await backend.run_locked(chat_prompt_ids, backend.runtime.tokenizer, messages)
         n, limits = len(ids), backend.limits
@@ -268,6 +270,13 @@ def build_openai_routes(get_backend: Callable[[], Backend]) -> list:
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "modelpress"}]})
 
-    return [Route("/v1/completions", completions, methods=["POST"]),
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"])]
+    return [
+        DocumentedRoute("/v1/completions", completions, "POST", RouteDoc(
+            "OpenAI-compatible text completion.", CompletionRequest, streams=True,
+            example={"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0})),
+        DocumentedRoute("/v1/chat/completions", chat_completions, "POST", RouteDoc(
+            "OpenAI-compatible chat completion.", ChatRequest, streams=True,
+            example={"messages": [{"role": "user", "content": "Say hello."}],
+                     "max_tokens": 16, "temperature": 0})),
+        DocumentedRoute("/v1/models", models, "GET", RouteDoc(
+            "The served model, OpenAI's list format."))]

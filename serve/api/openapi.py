@@ -1,27 +1,24 @@
 """The OpenAPI 3.1 schema of the public routes, served at ``GET /openapi.json``.
 
 BentoML's ``/docs.json`` describes only BentoML's own APIs (and FastAPI apps), not the
-Starlette routes mounted on the service; this schema is built from the same pydantic
-models the routes validate with, so Swagger UI, client generators and schemathesis see
-the real API: ``/classify``, ``/generate``, ``/metadata``, ``/v1/completions``,
-``/v1/chat/completions`` and ``/v1/models``, every error as OpenAI's error object.
+Starlette routes mounted on the service; this schema is built from the route table itself:
+each public route is a :class:`DocumentedRoute` carrying its :class:`RouteDoc` (the
+pydantic models the route validates with, a summary, an example), declared beside its
+handler. So Swagger UI, client generators and schemathesis see the real API, every error
+as OpenAI's error object, and a new route is documented where it is written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from starlette.routing import Route
 
-from serve.api.openai_requests import ChatRequest, CompletionRequest
-from serve.api.schemas import (
-    ClassifyRequest,
-    ClassifyResponse,
-    GenerateRequest,
-    GenerateResponse,
-    Limits,
-)
+from serve.api.schemas import Limits
 
 REF = "#/components/schemas/{model}"
 
@@ -33,29 +30,48 @@ _ERROR = {
                        "param": {"type": ["string", "null"]},
                        "code": {"type": ["string", "null"]}}}}}
 
-# (path, method, request model or None, response model or None, summary, streams)
-_ROUTES: list[tuple[str, str, type[BaseModel] | None, type[BaseModel] | None, str, bool]] = [
-    ("/classify", "post", ClassifyRequest, ClassifyResponse,
-     "Classify texts (text-classification artifacts).", False),
-    ("/generate", "post", GenerateRequest, GenerateResponse,
-     "Complete prompts; `stream: true` answers server-sent events (one prompt).", True),
-    ("/v1/completions", "post", CompletionRequest, None,
-     "OpenAI-compatible text completion.", True),
-    ("/v1/chat/completions", "post", ChatRequest, None,
-     "OpenAI-compatible chat completion.", True),
-    ("/v1/models", "get", None, None, "The served model, OpenAI's list format.", False),
-    ("/metadata", "get", None, None, "The artifact's manifest summary and server limits.",
-     False),
-]
-# One valid request per body, published as the media type's ``example`` (Swagger UI
-# pre-fills it; schemathesis sends it in its examples phase).
-_EXAMPLES: dict[str, dict[str, Any]] = {
-    "/classify": {"texts": ["a fine, moving film"]},
-    "/generate": {"prompts": ["Once upon a time"], "max_new_tokens": 16},
-    "/v1/completions": {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0},
-    "/v1/chat/completions": {"messages": [{"role": "user", "content": "Say hello."}],
-                             "max_tokens": 16, "temperature": 0},
-}
+
+@dataclass(frozen=True)
+class RouteDoc:
+    """What the schema says of one route.
+
+    Attributes:
+        summary: One line.
+        request: The body's model (None: no body).
+        response: The JSON answer's model (None: any object).
+        streams: Also answers ``text/event-stream``.
+        example: One valid body, published as the media type's ``example`` (Swagger UI
+            pre-fills it; schemathesis sends it in its examples phase).
+    """
+
+    summary: str
+    request: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    streams: bool = False
+    example: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.request is not None and self.example is None:
+            raise ValueError(f"{self.summary!r}: a route with a body needs an example")
+
+
+class DocumentedRoute(Route):
+    """A Starlette route with one method and its :class:`RouteDoc`.
+
+    Args:
+        path: The route's path.
+        endpoint: Its handler (a request function or a raw ASGI callable).
+        method: ``GET`` or ``POST``.
+        doc: What the schema says of it.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], method: str,
+                 doc: RouteDoc) -> None:
+        super().__init__(path, endpoint, methods=[method])
+        self.method = method.lower()
+        self.doc = doc
+
+
 _STATUSES = {"400": "Invalid request (the message names the field)",
              "401": "Missing or wrong API key (when the server has one)",
              "408": "Body not received in time", "413": "Body or input too large",
@@ -70,52 +86,59 @@ _CAPS = {"max_new_tokens": ("maximum", "max_new_tokens"),
          "texts": ("maxItems", "max_items"), "prompts": ("maxItems", "max_items")}
 
 
-def _apply_limits(schemas: dict[str, Any], limits: Limits) -> None:
+def _apply_limits(schemas: dict[str, Any], requests: set[str], limits: Limits) -> None:
     """Publish this server's caps in the request schemas (``maximum``/``maxItems``)."""
-    for name in ("ClassifyRequest", "GenerateRequest", "CompletionRequest", "ChatRequest"):
+    for name in sorted(requests):
         for field, spec in schemas[name]["properties"].items():
             if field in _CAPS:
                 keyword, limit = _CAPS[field]
                 spec[keyword] = getattr(limits, limit)
 
 
-def openapi_schema(title: str = "modelpress", version: str = "1", api_key: bool = False,
-                   limits: Limits | None = None) -> dict[str, Any]:
+def openapi_schema(routes: Sequence[Any], title: str = "modelpress", version: str = "1",
+                   api_key: bool = False, limits: Limits | None = None) -> dict[str, Any]:
     """The OpenAPI document of the public routes.
 
     Args:
+        routes: The app's routes; the :class:`DocumentedRoute` ones are published.
         title: ``info.title`` (the served model's name).
         version: ``info.version``.
         api_key: Declare bearer authentication on every operation.
         limits: The server's caps, published as bounds (token counts, items).
     """
-    models = [(m, mode) for _, _, req, resp, _, _ in _ROUTES
-              for m, mode in ((req, "validation"), (resp, "serialization")) if m]
+    public = [r for r in routes if isinstance(r, DocumentedRoute)]
+    models = [(m, mode) for r in public
+              for m, mode in ((r.doc.request, "validation"), (r.doc.response, "serialization"))
+              if m]
     _, defs = models_json_schema(models, ref_template=REF)
     schemas = {**defs.get("$defs", {}), "Error": _ERROR}
     if limits is not None:
-        _apply_limits(schemas, limits)
+        _apply_limits(schemas, {r.doc.request.__name__ for r in public if r.doc.request},
+                      limits)
     paths: dict[str, Any] = {}
-    for path, method, req, resp, summary, streams in _ROUTES:
+    for route in public:
+        path, doc = route.path, route.doc
         ok: dict[str, Any] = {"application/json": {"schema": (
-            {"$ref": REF.format(model=resp.__name__)} if resp else {"type": "object"})}}
-        if streams:
+            {"$ref": REF.format(model=doc.response.__name__)} if doc.response
+            else {"type": "object"})}}
+        if doc.streams:
             ok["text/event-stream"] = {"schema": {"type": "string"}}
         op: dict[str, Any] = {
-            "operationId": path.strip("/").replace("/", "_"), "summary": summary,
+            "operationId": path.strip("/").replace("/", "_"), "summary": doc.summary,
             "responses": {"200": {"description": "OK", "content": ok}, **{
                 code: {"description": text, "content": {"application/json": {
                     "schema": {"$ref": REF.format(model="Error")}}}}
                 for code, text in _STATUSES.items()}}}
-        if req is not None:
+        if doc.request is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": REF.format(model=req.__name__)},
-                "example": _EXAMPLES[path]}}}
-        paths[path] = {method: op}
-    doc: dict[str, Any] = {"openapi": "3.1.0", "info": {"title": title, "version": version},
-                           "paths": paths, "components": {"schemas": schemas}}
+                "schema": {"$ref": REF.format(model=doc.request.__name__)},
+                "example": doc.example}}}
+        paths[path] = {route.method: op}
+    document: dict[str, Any] = {"openapi": "3.1.0",
+                                "info": {"title": title, "version": version},
+                                "paths": paths, "components": {"schemas": schemas}}
     if api_key:
-        doc["components"]["securitySchemes"] = {"bearer": {"type": "http",
-                                                           "scheme": "bearer"}}
-        doc["security"] = [{"bearer": []}]
-    return doc
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http",
+                                                                "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+    return document

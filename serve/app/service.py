@@ -120,9 +120,9 @@ def _schema_route() -> Any:
 
     async def schema(request: Any) -> Any:
         if "doc" not in cache:
-            cache["doc"] = openapi_schema(title=f"modelpress: {_backend().runtime.manifest.name}",
-                                          api_key=bool(SETTINGS.api_key),
-                                          limits=SETTINGS.limits)
+            cache["doc"] = openapi_schema(
+                _ROUTES, title=f"modelpress: {_backend().runtime.manifest.name}",
+                api_key=bool(SETTINGS.api_key), limits=SETTINGS.limits)
         return JSONResponse(cache["doc"])
     return Route("/openapi.json", schema, methods=["GET"])
 

@@ -48,40 +48,40 @@ def llm_metrics() -> LLMMetrics:
         return _CACHE[0]
     import prometheus_client as prom
 
-    p = "modelpress:"
+    def histogram(name: str, text: str, buckets: tuple[float, ...]) -> Any:
+        return prom.Histogram(f"modelpress:{name}", text, buckets=buckets)
+
+    def gauge(name: str, text: str) -> Any:
+        return prom.Gauge(f"modelpress:{name}", text, multiprocess_mode="livesum")
+
+    def counter(name: str, text: str, *labels: str) -> Any:
+        return prom.Counter(f"modelpress:{name}", text, labels)
+
     metrics = LLMMetrics(
-        time_to_first_token=prom.Histogram(
-            p + "time_to_first_token_seconds", "Arrival at the engine to first token.",
-            buckets=_LATENCY_BUCKETS),
-        inter_token_latency=prom.Histogram(
-            p + "inter_token_latency_seconds", "Gap between consecutive output tokens.",
-            buckets=_TOKEN_GAP_BUCKETS),
-        e2e_request_latency=prom.Histogram(
-            p + "e2e_request_latency_seconds", "Arrival at the engine to last token.",
-            buckets=_LATENCY_BUCKETS),
-        queue_time=prom.Histogram(
-            p + "request_queue_time_seconds", "Time spent waiting for admission.",
-            buckets=_LATENCY_BUCKETS),
-        running=prom.Gauge(p + "num_requests_running", "Sequences in the running batch.",
-                           multiprocess_mode="livesum"),
-        waiting=prom.Gauge(p + "num_requests_waiting", "Requests waiting for admission.",
-                           multiprocess_mode="livesum"),
-        prompt_tokens=prom.Counter(p + "prompt_tokens", "Prefilled prompt tokens."),
-        generation_tokens=prom.Counter(p + "generation_tokens", "Generated tokens."),
-        request_success=prom.Counter(p + "request_success", "Finished requests.",
-                                     ["finished_reason"]),
-        request_aborted=prom.Counter(
-            p + "request_aborted", "Requests aborted before their end (client gone)."),
-        request_queue_timeout=prom.Counter(
-            p + "request_queue_timeout", "Requests refused (503) after waiting too long."),
-        step_sequences=prom.Histogram(
-            p + "engine_step_sequences", "Sequences decoded together per engine step.",
-            buckets=_BATCH_BUCKETS),
-        prefix_cache_hits=prom.Counter(
-            p + "prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache."),
-        prefix_cache_misses=prom.Counter(
-            p + "prefix_cache_misses", "Prompt tokens prefilled with the prefix cache on "
-            "(not found in it)."),
+        time_to_first_token=histogram("time_to_first_token_seconds",
+                                      "Arrival at the engine to first token.", _LATENCY_BUCKETS),
+        inter_token_latency=histogram("inter_token_latency_seconds",
+                                      "Gap between consecutive output tokens.",
+                                      _TOKEN_GAP_BUCKETS),
+        e2e_request_latency=histogram("e2e_request_latency_seconds",
+                                      "Arrival at the engine to last token.", _LATENCY_BUCKETS),
+        queue_time=histogram("request_queue_time_seconds", "Time spent waiting for admission.",
+                             _LATENCY_BUCKETS),
+        running=gauge("num_requests_running", "Sequences in the running batch."),
+        waiting=gauge("num_requests_waiting", "Requests waiting for admission."),
+        prompt_tokens=counter("prompt_tokens", "Prefilled prompt tokens."),
+        generation_tokens=counter("generation_tokens", "Generated tokens."),
+        request_success=counter("request_success", "Finished requests.", "finished_reason"),
+        request_aborted=counter("request_aborted",
+                                "Requests aborted before their end (client gone)."),
+        request_queue_timeout=counter("request_queue_timeout",
+                                      "Requests refused (503) after waiting too long."),
+        step_sequences=histogram("engine_step_sequences",
+                                 "Sequences decoded together per engine step.", _BATCH_BUCKETS),
+        prefix_cache_hits=counter("prefix_cache_hits",
+                                  "Prompt tokens whose KV came from the prefix cache."),
+        prefix_cache_misses=counter("prefix_cache_misses", "Prompt tokens prefilled with the "
+                                    "prefix cache on (not found in it)."),
     )
     _CACHE.append(metrics)
     return metrics

@@ -1,21 +1,47 @@
 """The one place that maps an artifact's ``manifest.format`` to its runtime.
 
-* ``torch``      → :class:`serve.runtime.runtime_torch.TorchRuntime` (fp32/fp16/bf16, bitsandbytes)
-* ``onnx``       → :class:`serve.runtime.runtime_onnx.OnnxRuntime` (ONNX Runtime, CUDA EP or CPU EP)
-* ``onnx-genai`` → :class:`serve.runtime.runtime_genai.GenaiRuntime` (onnxruntime-genai generator)
+:data:`RUNTIMES` is the one list of runtime formats: the loader picks a manifest's runtime
+from it, and the compressor checks every format it writes against it
+(:func:`check_format`). A new format is one runtime module plus one line here.
 
 Offline evaluation, the variant gates, the benchmarks and the HTTP service all load their
-model here, so offline and served numbers come from the same code. A new format is one
-runtime module plus one line here.
+model here, so offline and served numbers come from the same code.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from serve.artifact import load_artifact
-from serve.errors import ModelpressError
+from serve.errors import ArtifactError
 from serve.runtime.protocol import Device, Runtime
+
+#: format → ``"module:Class"`` of its runtime, imported only when an artifact needs it.
+RUNTIMES: dict[str, str] = {
+    # fp32/fp16/bf16 and bitsandbytes weights in transformers
+    "torch": "serve.runtime.runtime_torch:TorchRuntime",
+    # an ONNX graph on ONNX Runtime (CUDA EP or CPU EP)
+    "onnx": "serve.runtime.runtime_onnx:OnnxRuntime",
+    # an onnxruntime-genai model folder and its generator
+    "onnx-genai": "serve.runtime.runtime_genai:GenaiRuntime",
+}
+
+
+def check_format(fmt: str, where: Path | str) -> str:
+    """``fmt`` if a runtime serves it.
+
+    Args:
+        fmt: A manifest's ``format``.
+        where: The artifact (or what is being built), named in the error.
+
+    Raises:
+        ArtifactError: One line naming the format and the known ones.
+    """
+    if fmt not in RUNTIMES:
+        raise ArtifactError(f"{where}: unknown artifact format {fmt!r}; known formats: "
+                            f"{', '.join(sorted(RUNTIMES))}")
+    return fmt
 
 
 def load_runtime(path: Path | str, device: Device = "auto", verify: bool = True) -> Runtime:
@@ -30,17 +56,6 @@ def load_runtime(path: Path | str, device: Device = "auto", verify: bool = True)
         ArtifactError: Missing, tampered or unknown-format artifact.
     """
     artifact = load_artifact(path, verify=verify)
-    fmt = artifact.manifest.format
-    if fmt == "torch":
-        from serve.runtime.runtime_torch import TorchRuntime
-
-        return TorchRuntime(artifact.path, artifact.manifest, device)
-    if fmt == "onnx":
-        from serve.runtime.runtime_onnx import OnnxRuntime
-
-        return OnnxRuntime(artifact.path, artifact.manifest, device)
-    if fmt == "onnx-genai":
-        from serve.runtime.runtime_genai import GenaiRuntime
-
-        return GenaiRuntime(artifact.path, artifact.manifest, device)
-    raise ModelpressError(f"{path}: unknown artifact format {fmt!r}")
+    module, _, name = RUNTIMES[check_format(artifact.manifest.format, path)].partition(":")
+    runtime_class = getattr(importlib.import_module(module), name)
+    return runtime_class(artifact.path, artifact.manifest, device)

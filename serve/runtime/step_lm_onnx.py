@@ -5,7 +5,8 @@ copy of the weights) directly. The graph (:func:`compress.stages.onnx_export.exp
 or an older optimum-onnx ``text-generation-with-past`` export: the same I/O names) takes
 ``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.N.key/value`` and
 returns ``logits`` and ``present.N.key/value`` (past plus the new tokens), so the
-left-padded batch layout of :class:`serve.runtime.step_lm.SlotTable` maps onto it one to one.
+left-padded layout of a :class:`serve.runtime.slot_table.SlotTable` decode group maps onto it
+one to one (one ``session.run`` per group).
 fp32, fp16, int8 and int4 (MatMulNBits) graphs share these inputs; layers may differ in
 KV heads and head size (Gemma 4's global layers). A dynamic-int8 graph decodes each
 sequence in a forward of its own (``per_row``, :func:`serve.runtime.step_lm.decode_per_row`).
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from serve.errors import ArtifactError
-from serve.runtime.step_lm import LayerKV, SlotTable
+from serve.runtime.slot_table import LayerKV, SlotTable
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
@@ -74,8 +75,10 @@ class OnnxStepLM:
         self._branch = "use_cache_branch" in inputs  # older merged decoders
         vocab = session.get_outputs()[0].shape[-1]
         self.vocab_size = int(vocab) if isinstance(vocab, int) else -1
+        # one more forward costs ~1,600 token-rows of KV (SmolLM2 fp32, docs/benchmarks.md;
+        # fewer with int4 weights): past is copied into present every step
         self.table = SlotTable(self.max_length,
-                               lambda like, shape: np.zeros(shape, dtype=like.dtype))
+                               lambda like, shape: np.zeros(shape, dtype=like.dtype), 1536)
 
     def _empty(self, rows: int) -> list[LayerKV]:
         out = []
@@ -122,7 +125,8 @@ class OnnxStepLM:
         return logits[0]
 
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
-        """Append ``tokens[i]`` to ``slots[i]``, one batched forward; logits ``[len(slots), V]``."""
+        """Append ``tokens[i]`` to ``slots[i]``, one batched forward per decode group; logits
+        ``[len(slots), V]`` in the order of ``slots``."""
         if len(slots) != len(tokens):
             raise ValueError(f"decode: {len(slots)} slots but {len(tokens)} tokens")
         if not slots:
@@ -130,13 +134,8 @@ class OnnxStepLM:
         if self.per_row:
             return np.stack([self._decode_alone(s, t) for s, t in zip(slots, tokens,
                                                                       strict=True)])
-        index = self.table.prepare(slots)
-        ids = np.zeros((len(index), 1), dtype=np.int64)
-        ids[index, 0] = np.asarray(tokens, dtype=np.int64)
-        mask, positions = self.table.mask_and_positions()
-        logits, kv = self._run(ids, mask, positions, self.table.kv)
-        self.table.advance(kv)
-        return logits[index]
+        return self.table.decode(slots, tokens, lambda group, ids, mask, positions:
+                                 self._run(ids, mask, positions, group.kv))
 
     def _decode_alone(self, slot: int, token: int) -> np.ndarray:
         """One token for ``slot`` in a forward of its own; its logits ``[vocab]``."""
@@ -149,7 +148,7 @@ class OnnxStepLM:
         return logits[0]
 
     def free(self, slot: int) -> None:
-        """Drop the slot's cache now (its batch row is removed at once)."""
+        """Drop the slot's cache now (its group row is removed at once)."""
         self.table.free(slot)
 
     def read_kv(self, slot: int, start: int, stop: int) -> list[LayerKV]:

@@ -1,7 +1,8 @@
 """The torch :class:`serve.runtime.step_lm.StepLM`: a transformers causal LM driven step by step.
 
-The running batch is :class:`serve.runtime.step_lm.SlotTable`'s left-padded layout; each step is one
-forward with a transformers ``DynamicCache`` built over it. Decode masks are built here for
+The decoded slots are :class:`serve.runtime.slot_table.SlotTable`'s left-padded decode groups; each
+step is one forward per group, each group with a transformers ``DynamicCache`` of its own
+built over its arrays (kept while the group is). Decode masks are built here for
 full and sliding-window attention layers (transformers would rebuild them every step).
 Qwen3.5's linear-attention layers keep a conv and a recurrent state per sequence instead of
 keys and values: :class:`LinearStates` slots them beside the KV rows (chunked prefill
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from serve.errors import ArtifactError
-from serve.runtime.step_lm import LayerKV, SlotTable
+from serve.runtime.slot_table import Group, LayerKV, SlotTable
 
 #: transformers ``layer_types`` whose layers keep a fixed-size state per sequence instead of
 #: keys and values: Qwen3.5's Gated DeltaNet (``linear_attention``: a conv and a recurrent
@@ -51,8 +52,8 @@ def _layer_kv(cache: Any) -> list[LayerKV]:
 class LinearStates:
     """Per-slot conv and recurrent states of linear-attention layers, slotted like KV rows.
 
-    A slot's states are its own tensors after a prefill; while the slot is a batch row they
-    are views of its row in the batch cache, which transformers updates in place each step.
+    A slot's states are its own tensors after a prefill; while the slot is a group row they
+    are views of its row in the group's cache, which transformers updates in place each step.
 
     Args:
         layers: Indices of the linear-attention layers.
@@ -105,10 +106,9 @@ class TorchStepLM:
         self.device = model.device
         self.max_length = int(max_length)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.table = SlotTable(self.max_length,
-                               lambda like, shape: like.new_zeros(shape))
-        self._cache: Any = None
-        self._cache_layout = -1
+        # a forward costs ~4,500 token-rows of KV (SmolLM2 fp32 on CPU, docs/benchmarks.md)
+        self.table = SlotTable(self.max_length, lambda like, shape: like.new_zeros(shape), 4096)
+        self._caches: dict[int, Any] = {}  # by the layout number of a group
         self.chunked_prefill = self.copies_kv = True
         self._window, self._by_type, self._own_mask = _attention_layout(model.config)
         unslotted = sorted(_layer_types(model.config) & (RECURRENT_LAYER_TYPES
@@ -196,36 +196,42 @@ class TorchStepLM:
         return self._logits(out)[0]
 
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
-        """Append ``tokens[i]`` to ``slots[i]`` in one forward; float32 ``[len(slots), vocab]``."""
-        torch = self._torch
+        """Append ``tokens[i]`` to ``slots[i]``, one forward per decode group; float32
+        ``[len(slots), vocab]`` in the order of ``slots``."""
         if len(slots) != len(tokens):
             raise ValueError(f"decode: {len(slots)} slots but {len(tokens)} tokens")
         if not slots:
             return np.zeros((0, self.vocab_size), dtype=np.float32)
-        index = self.table.prepare(slots)
-        if self._cache_layout != self.table.layout:
-            self._cache = self._new_cache(self.table.kv, self.table.rows)
-            self._cache_layout = self.table.layout
-        row_tokens = [0] * len(index)
-        for i, row in enumerate(index):
-            row_tokens[row] = int(tokens[i])
-        mask, positions = self.table.mask_and_positions()
+        logits = self.table.decode(slots, tokens, self._step)
+        self._drop_caches()
+        return logits
+
+    def _step(self, group: Group, ids: np.ndarray, mask: np.ndarray,
+              positions: np.ndarray) -> tuple[np.ndarray, list[LayerKV]]:
+        """One forward of ``group``; its logits and new cache."""
+        torch = self._torch
+        cache = self._caches.get(group.layout)
+        if cache is None:
+            cache = self._caches[group.layout] = self._new_cache(group.kv, group.rows)
         with torch.inference_mode():
             out = self.model(
-                input_ids=torch.tensor(row_tokens, device=self.device)[:, None],
+                input_ids=torch.from_numpy(ids).to(self.device),
                 attention_mask=self._mask(mask),
                 position_ids=torch.from_numpy(positions).to(self.device),
-                cache=self._cache, use_cache=True, logits_to_keep=1)
-        self.table.advance(_layer_kv(self._cache))
-        return self._logits(out)[index]
+                cache=cache, use_cache=True, logits_to_keep=1)
+        return self._logits(out), _layer_kv(cache)
+
+    def _drop_caches(self) -> None:
+        """Forget the transformers caches of groups that no longer exist."""
+        live = {group.layout for group in self.table.groups}
+        self._caches = {k: c for k, c in self._caches.items() if k in live}
 
     def free(self, slot: int) -> None:
-        """Drop the slot's cache now (its batch row is removed at once)."""
+        """Drop the slot's cache now (its group row is removed at once)."""
         self.table.free(slot)
         if self._states is not None:
             del self._states.own[slot]
-        if self._cache_layout != self.table.layout:
-            self._cache, self._cache_layout = None, -1
+        self._drop_caches()
 
     def read_kv(self, slot: int, start: int, stop: int) -> list[LayerKV]:
         """A copy of ``slot``'s keys/values at ``[start, stop)`` per layer."""

@@ -1,9 +1,11 @@
 """Which engine delivery each token event came in: the engine's own order, whatever the
 event loop's consumers do (a consumer drains a queue that holds several tokens without
-yielding, so the times at which tests *read* tokens do not say when they were made)."""
+yielding, so the times at which tests *read* tokens do not say when they were made); and
+the check every step LM passes in the engine: streams together equal each alone."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 from collections import defaultdict
@@ -36,3 +38,46 @@ def delivery_steps() -> Iterator[dict[int, list[int]]]:
 def interleaved(steps: dict[int, list[int]], ids: list[int]) -> bool:
     """Every one of ``ids`` got its first token before any of them got its last."""
     return max(steps[i][0] for i in ids) < min(steps[i][-1] for i in ids)
+
+
+async def _tokens(seq) -> tuple[list[int], str | None]:
+    tokens = []
+    while (event := await seq.queue.get()).token is not None:
+        tokens.append(event.token)
+    if event.error is not None:
+        raise event.error
+    return tokens, event.finish_reason
+
+
+def check_together_equals_alone(lm, prompts: list[list[int]], max_new_tokens: int,
+                                near_ties: bool = False) -> None:
+    """Run ``prompts`` through one engine (8 running), each alone, then all together.
+
+    Asserts the tokens together equal those alone (``near_ties``: all streams but one,
+    for kernels whose batched rows can flip a near-tie), every stream runs its full
+    length (no EOS: outputs compare token for token) and every stream started before any
+    ended (interleaved, in the engine's delivery order).
+    """
+    from serve.engine.core import Engine, EngineConfig
+    from serve.runtime.protocol import GenerationParams
+
+    params = GenerationParams(max_new_tokens=max_new_tokens)
+
+    async def main():
+        engine = Engine(lm, set(), EngineConfig(max_running=8))
+        try:
+            alone = [(await _tokens(engine.submit(p, params)))[0] for p in prompts]
+            seqs = [engine.submit(p, params) for p in prompts]
+            together = await asyncio.gather(*(_tokens(s) for s in seqs))
+        finally:
+            engine.close()
+        return alone, together, [s.id for s in seqs]
+
+    with delivery_steps() as steps:
+        alone, together, ids = asyncio.run(main())
+    if near_ties:
+        assert sum(t[0] == a for t, a in zip(together, alone, strict=True)) >= len(alone) - 1
+    else:
+        assert [t[0] for t in together] == alone
+    assert all(len(t[0]) == max_new_tokens and t[1] == "length" for t in together)
+    assert interleaved(steps, ids)  # every stream started before any ended

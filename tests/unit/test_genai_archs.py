@@ -5,19 +5,16 @@ and architectures it cannot build are refused in one line."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import numpy as np
 import pytest
 
 from compress.stages.genai_build import GenaiBuildError, check_genai_supported
+from compress.tiny_archs import build_decoder
 from serve.artifact import load_artifact
-from serve.engine.core import Engine, EngineConfig
 from serve.runtime.loader import load_runtime
-from serve.runtime.protocol import GenerationParams
-from tests.unit.engine_steps import delivery_steps, interleaved
-from tests.unit.tiny_decoders import build_decoder
+from tests.unit.engine_steps import check_together_equals_alone
 from tests.unit.variant_fixtures import run, write_texts
 
 # SmolLM3: layer 1 without RoPE; HunYuanDenseV1: a graph with position_ids input
@@ -28,6 +25,10 @@ ARCHS = ["Gemma3", "Gemma2", "Gemma", "Qwen3", "Qwen2", "Mistral", "Phi3", "Phi3
 QUANTIZED = {"Gemma3": ["int4"], "Qwen3": ["int4"], "SmolLM3": ["int4"],
              "Qwen3_5": ["int4", "int8"]}
 N_NEW = 20
+# 2 layers, windows of 16 (shorter than a prompt plus N_NEW tokens), wide random weights
+# (distinct greedy tokens); this path's Phi-3 has no window and an original context of 128
+GENAI_SHAPE = {"layers": 2, "window": 16, "init_std": 0.5}
+GENAI_FIELDS = {"phi3": {"sliding_window": None, "original_max_position_embeddings": 128}}
 EOS = 3  # compress.tiny's </s>
 
 
@@ -36,7 +37,7 @@ def built(tmp_path_factory):
     out = {}
     for arch in ARCHS:
         root = tmp_path_factory.mktemp(f"genai-{arch}")
-        base = build_decoder(arch, root / "base")
+        base = _base(arch, root / "base")
         write_texts(root / "eval.jsonl", 6, labels=False)
         quantized = "".join(f"  - {{name: genai-{p}, kind: export, format: onnx-genai, "
                             f"precision: {p}, block_size: 16}}\n"
@@ -56,6 +57,11 @@ variants:
         for precision in QUANTIZED.get(arch, []):
             out[f"{arch}-{precision}"] = (base, folder / f"genai-{precision}")
     return out
+
+
+def _base(arch: str, dst):
+    """This module's tiny ``arch`` decoder (``ARCHS`` spelling) in ``dst``."""
+    return build_decoder(arch.lower(), dst, **GENAI_SHAPE, fields=GENAI_FIELDS.get(arch.lower()))
 
 
 def _prompts(vocab: int) -> list[list[int]]:
@@ -137,30 +143,7 @@ def test_engine_eight_streams_equal_each_alone(built, arch):
     runtime = load_runtime(built[arch][1])
     rng = np.random.default_rng(1)
     prompts = [[2, *rng.integers(4, 80, size=n).tolist()] for n in (4, 11, 2, 7, 15, 5, 9, 3)]
-    params = GenerationParams(max_new_tokens=N_NEW)
-
-    async def collect(seq) -> tuple[list[int]]:
-        tokens = []
-        while (event := await seq.queue.get()).token is not None:
-            tokens.append(event.token)
-        return (tokens,)
-
-    async def main():
-        # no EOS: every request runs its full length, so outputs compare token for token
-        engine = Engine(runtime.step_lm(), set(), EngineConfig(max_running=8))
-        try:
-            alone = [(await collect(engine.submit(p, params)))[0] for p in prompts]
-            seqs = [engine.submit(p, params) for p in prompts]
-            together = await asyncio.gather(*(collect(s) for s in seqs))
-        finally:
-            engine.close()
-        return alone, together, [s.id for s in seqs]
-
-    with delivery_steps() as steps:
-        alone, together, ids = asyncio.run(main())
-    assert [t[0] for t in together] == alone
-    assert all(len(t[0]) == N_NEW for t in together)
-    assert interleaved(steps, ids)
+    check_together_equals_alone(runtime.step_lm(), prompts, N_NEW)
 
 
 def test_hybrid_state_continues_across_prefill_chunks_and_is_not_prefix_copied(built):

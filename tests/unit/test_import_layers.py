@@ -1,4 +1,5 @@
-"""The import-layer contract of compress/, serve/ and bench/, checked over the AST.
+"""The import-layer contract of compress/, serve/ and bench/, checked over the AST, and
+their size limit (no module over 350 lines).
 
 Every import counts: module level, lazy ones inside functions and ``TYPE_CHECKING`` ones,
 because each of them is a dependency a reader must follow and a place a cycle can hide.
@@ -154,3 +155,25 @@ def test_each_layer_imports_only_layers_before_it() -> None:
     for line in wrong:
         print(line)
     assert not wrong, f"{len(wrong)} import(s) against the layer order"
+
+
+MAX_LINES = 350  # a module past this is split along a seam a reader can see
+
+
+def test_no_module_is_over_the_line_limit() -> None:
+    long = {name: n for name, path in module_names().items()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them): {long}"
+
+
+def test_every_runtime_the_loader_names_is_a_class_of_the_runtime_layer() -> None:
+    # The loader imports its runtimes by name, so the AST walk above does not see them.
+    from serve.runtime.loader import RUNTIMES
+
+    modules = module_names()
+    for fmt, target in RUNTIMES.items():
+        module, _, name = target.partition(":")
+        assert module in modules and LAYERS[layer_of(module)][0] == "runtime", (fmt, target)
+        tree = ast.parse(modules[module].read_text())
+        assert any(isinstance(node, ast.ClassDef) and node.name == name
+                   for node in tree.body), (fmt, target)

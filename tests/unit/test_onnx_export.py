@@ -7,33 +7,29 @@ import numpy as np
 import pytest
 
 from compress.stages.export import ExportError, check_classifier, export_onnx
+from compress.tiny_archs import build_decoder
 
 COMMON = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
           "intermediate_size": 64, "max_position_embeddings": 128}
-DECODER = {**COMMON, "num_key_value_heads": 1, "pad_token_id": 0, "bos_token_id": 2,
-           "eos_token_id": 3}
-SLIDING = {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]}
+# this exporter's decoders: 2 layers, windows of 4, the architectures' own tied embeddings,
+# and transformers' defaults for what the torch path's models set (None)
+ONNX_SHAPE = {"layers": 2, "window": 4, "tied": None}
+ONNX_FIELDS = {
+    "phi3": {"sliding_window": None},
+    "smollm3": {"no_rope_layer_interval": None},
+    "gemma3": {"query_pre_attn_scalar": None},
+    # global layers of another head size (64) than the sliding ones (16), no KV sharing
+    "gemma4": {"global_head_dim": 64, "layer_types": ["sliding_attention", "full_attention"],
+               "vocab_size_per_layer_input": None, "hidden_size_per_layer_input": None,
+               "num_kv_shared_layers": None},
+    "qwen3_5": {"linear_key_head_dim": None, "linear_value_head_dim": None,
+                "linear_num_key_heads": None, "linear_num_value_heads": None},
+}
 
 
-def _decoder(name: str, vocab: int):
-    import transformers as tf
-
-    cfg = {**DECODER, "vocab_size": vocab}
-    builders = {
-        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=16, **cfg)),
-        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**cfg)),
-        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(head_dim=16, **cfg)),
-        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**cfg)),
-        "smollm3": lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**cfg)),
-        "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(head_dim=16, **SLIDING,
-                                                                   **cfg)),
-        # global layers of another head size (64) than the sliding ones (16)
-        "gemma4": lambda: tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(
-            head_dim=16, global_head_dim=64, **SLIDING, **cfg)),
-        "qwen3_5": lambda: tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(
-            head_dim=16, layer_types=["linear_attention", "full_attention"], **cfg)),
-    }
-    return builders[name]
+def _decoder(name: str, dst):
+    """This module's tiny ``name`` decoder, saved in ``dst``."""
+    return build_decoder(name, dst, **ONNX_SHAPE, fields=ONNX_FIELDS.get(name))
 
 
 def _classifier(name: str, vocab: int):
@@ -111,8 +107,7 @@ def _ort_vs_torch(folder, onnx_dir) -> float:
 @pytest.mark.parametrize("name", ["llama", "qwen3", "qwen2", "mistral", "phi3", "smollm3",
                                   "gemma3", "gemma4"])
 def test_causal_lm_padded_batch_with_past_matches_torch(name, tiny, tmp_path):
-    folder = tiny["llama"] if name == "llama" else _save(
-        _decoder(name, 82), tiny["llama"], tmp_path / name)
+    folder = tiny["llama"] if name == "llama" else _decoder(name, tmp_path / name)
     details = export_onnx(folder, tmp_path / "onnx", "text-generation")
     assert details["exporter"] == "transformers.exporters.OnnxExporter"
     assert details["opset"] >= 18
@@ -129,8 +124,8 @@ def test_classifier_exports_match_torch(name, tiny, tmp_path):
     assert check["top1_agreement"] == 1.0
 
 
-def test_hybrid_decoder_is_refused_in_one_line(tiny, tmp_path):
-    folder = _save(_decoder("qwen3_5", 82), tiny["llama"], tmp_path / "qwen3_5")
+def test_hybrid_decoder_is_refused_in_one_line(tmp_path):
+    folder = _decoder("qwen3_5", tmp_path / "qwen3_5")
     with pytest.raises(ExportError) as info:
         export_onnx(folder, tmp_path / "onnx", "text-generation")
     message = str(info.value)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serve.runtime.loader import load_runtime
+from serve.artifact import Manifest, write_manifest
+from serve.errors import ArtifactError
+from serve.runtime.loader import RUNTIMES, load_runtime
 from serve.runtime.protocol import ContextLengthExceeded, GenerationParams, LMRuntime
+from tests.conftest import run_cli
 from tests.unit.variant_fixtures import build_lm_variants
 
 FORMATS = ["merge", "onnx-fp32", "genai-fp32"]
@@ -44,3 +47,21 @@ def test_every_lm_runtime_refuses_a_prompt_too_long_instead_of_cutting_it(runtim
             runtime.generate(["short", words], GenerationParams(max_new_tokens=4))
         assert info.value.index == 1, name
         assert info.value.prompt_tokens > runtime.max_length, name
+
+
+def test_a_manifest_whose_format_no_runtime_serves_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (folder / "model.tflite").write_bytes(b"weights")
+    write_manifest(folder, Manifest(name="art", task="text-generation", format="tflite",
+                                    precision="fp32"))
+    want = "unknown artifact format 'tflite'; known formats: onnx, onnx-genai, torch"
+    with pytest.raises(ArtifactError) as info:
+        load_runtime(folder, device="cpu")
+    assert str(info.value) == f"{folder}: {want}"
+    assert sorted(RUNTIMES) == ["onnx", "onnx-genai", "torch"]
+    # modelpress serve refuses it before it starts a server
+    result = run_cli("serve", str(folder), "--port", "1")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1 and want in errors[0], result.stderr

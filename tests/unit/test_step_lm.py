@@ -121,7 +121,7 @@ def test_interleaved_greedy_equals_alone_and_generate(runtimes, prompts, fmt, ti
     for i, (_, _, n) in enumerate(SCHEDULE):
         assert got[i] == solo[i][0][:n], i
         np.testing.assert_allclose(logits[i], solo[i][1][:n], atol=1e-5)
-    assert step.table.lengths == {} and step.table.kv == []  # everything freed
+    assert step.table.lengths == {} and step.table.groups == ()  # everything freed
 
 
 @pytest.mark.parametrize("fmt", ["torch", "onnx"])
@@ -145,7 +145,7 @@ def test_free_releases_the_slot_and_subset_decode(runtimes, prompts, fmt):
     step.free(longest)
     assert longest not in step.table.lengths
     # the batch shrinks to the longest remaining sequence at once
-    assert step.table.width == max(len(prompts[i]) + len(seqs[i]) - 1
+    assert max(group.width for group in step.table.groups) == max(len(prompts[i]) + len(seqs[i]) - 1
                                    for i in range(3) if i != longest)
     with pytest.raises(ValueError, match="no cache"):
         step.decode([longest], [1])
@@ -153,7 +153,7 @@ def test_free_releases_the_slot_and_subset_decode(runtimes, prompts, fmt):
     for slot in range(3):
         if slot != longest:
             step.free(slot)
-    assert step.table.kv == [] and step.table.lengths == {}
+    assert step.table.groups == () and step.table.lengths == {}
 
 
 @pytest.mark.parametrize("fmt", ["torch", "onnx"])
