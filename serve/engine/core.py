@@ -75,9 +75,8 @@ class Engine:
         self.cache = (PrefixCache(on_counts=self._count_cache)
                       if config.prefix_cache and self.chunked
                       and getattr(lm, "copies_kv", False) else None)
-        reserve = getattr(lm, "reserve", None)
-        if reserve is not None:  # KV room for every running sequence, before any request
-            reserve(config.max_running, min(self.context, config.max_kv_tokens))
+        # KV room for every running sequence, before any request
+        lm.reserve(config.max_running, min(self.context, config.max_kv_tokens))
         self.pacer = StepPacer(config.max_gap_ratio)
         self.scheduler = Scheduler(config, self.chunked, self.cache, self.pacer)
         self.steps = 0  # model steps run (plans with work)

@@ -39,7 +39,8 @@ class KVArena:
         for heads, size in dims:
             shape = (rows, heads, length, size)
             nbytes = max(int(np.prod(shape)) * self.dtype.itemsize, 1)
-            region = mmap.mmap(-1, nbytes)  # anonymous, private, zero-filled on first read
+            # private: MADV_DONTNEED frees its pages (a shared mapping would keep them)
+            region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
             self._maps.append(region)
             self.buffers.append(np.frombuffer(region, dtype=self.dtype,
                                               count=int(np.prod(shape))).reshape(shape))

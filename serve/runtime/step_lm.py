@@ -75,3 +75,9 @@ class StepLM(Protocol):
         """Create ``slot``'s cache from consecutive :meth:`read_kv` blocks (positions 0...);
         :meth:`prefill` then continues it with ``start`` = their total length."""
         ...
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for ``rows`` sequences of ``length`` tokens before any request, where
+        the cache would otherwise grow (and copy) while requests run; a hint: past it the
+        cache still grows."""
+        ...

@@ -11,11 +11,12 @@ buffer. This module keeps one such buffer per layer, ``[rows, kv_heads, length,
 head_size]``, a row per running sequence, in a :class:`serve.runtime.kv_arena.KVArena`
 (reserved up front by :meth:`GenaiStepLM.reserve` as address space, committed as tokens
 are written, so a long prompt never makes the buffers grow and copy while other streams
-wait), binds it as both past and present (IOBinding, no copy per step) and runs every running sequence's next token as one batch of
-right-padded rows; a graph with a ``position_ids`` input (RoPE outside the attention op)
-gets each row's own positions. Greedy outputs equal onnxruntime-genai's lone
-``Generator`` (tests/unit/test_engine.py, test_genai_archs.py). A dynamic-int8 model runs
-each row's step on its own (``per_row``, :func:`serve.runtime.step_lm.decode_per_row`).
+wait), binds it as both past and present (IOBinding, no copy per step) and runs every
+running sequence's next token as one batch of right-padded rows; a graph with a
+``position_ids`` input (RoPE outside the attention op) gets each row's own positions.
+Greedy outputs equal onnxruntime-genai's lone ``Generator`` (tests/unit/test_engine.py,
+test_genai_archs.py). A dynamic-int8 model runs each row's step on its own
+(``per_row``, :func:`serve.runtime.step_lm.decode_per_row`).
 
 A hybrid model (Qwen3.5: linear-attention layers with a convolution and a recurrent state
 per sequence, KV caches only for its full-attention layers) keeps one state buffer per
@@ -134,6 +135,11 @@ class GenaiStepLM:
         self._arena, self._lengths, self._state_buffers = arena, lengths, states
         log.debug("KV buffers: %d rows × %d tokens (%.1f GB of address space)", rows, length,
                   arena.reserved_bytes / 1e9)
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(rows, tokens per row) the KV buffers hold now."""
+        return self._arena.rows, self._arena.length
 
     def reserve(self, rows: int, length: int) -> None:
         """Reserve room for ``rows`` sequences of ``length`` tokens now, so the buffers never

@@ -237,6 +237,10 @@ class TorchStepLM:
         """A copy of ``slot``'s keys/values at ``[start, stop)`` per layer."""
         return self.table.read(slot, start, stop)
 
+    def reserve(self, rows: int, length: int) -> None:
+        """Nothing to reserve: each decode group's cache is laid out when its slots change
+        (:class:`serve.runtime.slot_table.SlotTable`)."""
+
     def load_prefix(self, slot: int, blocks: list[list[LayerKV]]) -> None:
         """Create ``slot``'s cache from cached prefix blocks."""
         self.table.load(slot, blocks)

@@ -51,6 +51,9 @@ class _GatedLM:
         self.freed.append(slot)
         self.lm.free(slot)
 
+    def reserve(self, rows, length):
+        self.lm.reserve(rows, length)
+
 
 @pytest.fixture(scope="module")
 def runtime(tiny, tmp_path_factory):

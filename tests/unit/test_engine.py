@@ -118,6 +118,9 @@ class _SlowLM:
     def free(self, slot):
         self.lm.free(slot)
 
+    def reserve(self, rows, length):
+        self.lm.reserve(rows, length)
+
 
 def test_abort_frees_the_slot_within_one_step(lms):
     runtime = lms["genai-fp32"]
@@ -166,7 +169,8 @@ def test_first_token_leaves_before_the_other_admissions_prefill(lms):
 
     async def main():
         lm = _TimedPrefillLM(runtime.step_lm())
-        engine = Engine(lm, set(), EngineConfig(max_running=8))
+        # pacing off: the step's prompt tokens follow the budget alone (test_pacing.py)
+        engine = Engine(lm, set(), EngineConfig(max_running=8, max_gap_ratio=0))
         try:
             blocker = engine.submit(prompts[0], GenerationParams(max_new_tokens=40))
             await blocker.queue.get()  # running: its 50 ms decode steps hold the engine
@@ -196,7 +200,8 @@ def test_prefill_token_budget_lets_running_streams_decode_between_admissions(lms
 
     async def main():
         lm = _TimedPrefillLM(runtime.step_lm())
-        engine = Engine(lm, set(), EngineConfig(max_running=8, max_prefill_tokens=budget))
+        engine = Engine(lm, set(), EngineConfig(max_running=8, max_prefill_tokens=budget,
+                                                max_gap_ratio=0))
         try:
             blocker = engine.submit(prompts[0], GenerationParams(max_new_tokens=40))
             await blocker.queue.get()

@@ -230,6 +230,9 @@ class _ScriptLM:
     def free(self, slot: int) -> None:
         pass
 
+    def reserve(self, rows: int, length: int) -> None:
+        pass
+
 
 @pytest.mark.parametrize("top", [None, 2])
 def test_engine_events_carry_logprobs_and_the_ending_eos_ones(top):
