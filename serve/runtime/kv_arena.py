@@ -62,12 +62,18 @@ class KVArena:
         for buffer in self.buffers:
             buffer[target, :, :n] = buffer[source, :, :n]
 
-    def release(self, row: int) -> None:
-        """Hand the pages wholly inside ``row`` back to the OS (they read as zeros after;
-        a row's tokens are always written before they are attended to)."""
+    def release(self, row: int, start: int = 0) -> None:
+        """Hand the pages of ``row`` holding tokens ``start...`` back to the OS (pages wholly
+        inside that range; they read as zeros after, and a row's tokens are always written
+        before they are attended to)."""
+        page = mmap.PAGESIZE
         for (heads, size), region in zip(self.dims, self._maps, strict=True):
-            stride = heads * self.length * size * self.dtype.itemsize
-            start = -(-row * stride // mmap.PAGESIZE) * mmap.PAGESIZE  # pages inside the row
-            stop = (row + 1) * stride // mmap.PAGESIZE * mmap.PAGESIZE
-            if stop > start:
-                region.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            token = size * self.dtype.itemsize
+            spans = ([(row * heads * self.length * token,
+                       (row + 1) * heads * self.length * token)] if start == 0 else
+                     [((row * heads + h) * self.length * token + start * token,
+                       (row * heads + h + 1) * self.length * token) for h in range(heads)])
+            for first, stop in spans:
+                first, stop = -(-first // page) * page, stop // page * page
+                if stop > first:
+                    region.madvise(mmap.MADV_DONTNEED, first, stop - first)

@@ -290,6 +290,7 @@ class GenaiStepLM:
             moved = next(s for s, r in self._rows.items() if r == last)
             n = int(self._lengths[last])
             self._arena.move_row(last, row, n)
+            self._arena.release(row, start=n)  # the freed sequence's longer tail
             for buffer in self._state_buffers:
                 buffer[row] = buffer[last]
             self._lengths[row] = n

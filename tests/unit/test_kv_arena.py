@@ -45,6 +45,10 @@ def test_move_and_release_a_row():
         assert np.array_equal(buffer[0], row0)  # a neighbour is untouched
         assert np.array_equal(buffer[1, :, :100], moved)
         assert not buffer[2].any()  # released pages read as zeros
+    arena.release(1, start=128)  # a tail: whole pages of each head from token 128 on
+    for buffer, moved in zip(arena.buffers, last, strict=True):
+        assert np.array_equal(buffer[1, :, :100], moved) and not buffer[1, :, 128:].any()
+        assert buffer[0].any()
 
 
 @pytest.fixture(scope="module")
