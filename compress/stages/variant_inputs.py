@@ -49,7 +49,8 @@ def fp32_onnx(reference_dir: Path, reference: Manifest, out: Path,
     """The checked fp32 ONNX export of the reference, built once into ``OUT/.cache``."""
     from compress.stages import export
 
-    folder = out / ".cache" / f"onnx-fp32-{tree_digest(reference.files)[:16]}"
+    folder = (out / ".cache" /
+              f"onnx-fp32-{tree_digest(reference.files)[:16]}-v{export.EXPORT_VERSION}")
     record = folder / "export.json"
     if record.is_file():
         return folder, json.loads(record.read_text())

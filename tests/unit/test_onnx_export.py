@@ -124,6 +124,24 @@ def test_classifier_exports_match_torch(name, tiny, tmp_path):
     assert check["top1_agreement"] == 1.0
 
 
+def test_classifier_is_traced_through_eager_attention(tiny, tmp_path):
+    """The SDPA path's graph adds a Where per layer (fully masked rows) and ran ~8% slower
+    served; the eager one builds its mask once (docs/benchmarks.md)."""
+    import json
+
+    import onnx
+
+    details = export_onnx(tiny["bert"], tmp_path / "onnx", "text-classification")
+    assert details["attention"] == "eager"
+    layers = json.loads((tiny["bert"] / "config.json").read_text())["num_hidden_layers"]
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    assert layers >= 2
+    assert sum(node.op_type == "Where" for node in graph.node) < layers
+    check = check_classifier(tiny["bert"], tmp_path / "onnx", 1e-4, n=8)
+    assert check["max_abs_diff"] <= check["allowed_abs_diff"]
+    assert check["top1_agreement"] == 1.0
+
+
 def test_hybrid_decoder_is_refused_in_one_line(tmp_path):
     folder = _decoder("qwen3_5", tmp_path / "qwen3_5")
     with pytest.raises(ExportError) as info:
