@@ -112,10 +112,16 @@ class EngineConfig(_Group):
                     "steps.")
     max_gap_ratio: float = Field(
         2.0, ge=0,
-        description="Generation: while sequences decode, each step's prompt chunk is "
-                    "sized from measured step times so the step takes at most about this "
-                    "many decode steps (bounds the streams' inter-token gap while a long "
-                    "prompt prefills); 0 = chunks fill max_num_batched_tokens.")
+        description="Generation: while sequences decode, a step's chunk of a long prompt "
+                    "(over long_prefill_tokens) is sized from measured step times so the "
+                    "step takes at most about this many decode steps (bounds the streams' "
+                    "inter-token gap while it prefills); 0 = chunks fill "
+                    "max_num_batched_tokens.")
+    long_prefill_tokens: int = Field(
+        256, ge=1,
+        description="Generation: prompts longer than this are paced by max_gap_ratio "
+                    "while sequences decode; shorter ones are prefilled whole within "
+                    "max_num_batched_tokens.")
     max_prefill_tokens: int | None = Field(
         None, ge=1, description="Deprecated: prompt tokens per engine step alone "
                                 "(replaces --max-num-batched-tokens when given).")

@@ -5,10 +5,13 @@ feel while a long prompt prefills: on a GPU a 2,048-token chunk costs about a de
 on two CPU cores it costs seconds (SmolLM2-135M int4: ~2.6 ms per prompt token against
 ~22 ms for a step of 8 decoding streams). The pacer measures the step LM as it runs, a
 moving average of a decode step's seconds and of a prompt token's seconds inside chunk
-prefills, and while any sequence decodes it caps a step's prompt tokens so the step takes
-at most about ``max_gap_ratio`` decode steps: the streams' inter-token gap stays within
-that ratio of its usual value, whatever the hardware, and a lone prompt (nothing decoding)
-still prefills in chunks as large as the budget allows.
+prefills, and while any sequence decodes the scheduler gives long prompts (over
+``long_prefill_tokens``) at most the tokens that keep a step within about
+``max_gap_ratio`` decode steps: the streams' inter-token gap stays within that ratio of its
+usual value, whatever the hardware, and a lone prompt (nothing decoding) still prefills in
+chunks as large as the budget allows. Short prompts are not paced: small chunks cost a
+pass over the weights each, so pacing a burst of chat prompts cut prefill throughput (a
+demo's queued requests waited past the 30 s queue timeout).
 """
 
 from __future__ import annotations

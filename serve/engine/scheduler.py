@@ -14,9 +14,12 @@ cache is freed and it goes back to the head of the waiting queue, to be prefille
 from its prompt plus the tokens it has generated (recompute, as vLLM does); its stream
 just pauses. A prompt longer than the step's token budget is prefilled in chunks over
 several steps, between the running streams' decode steps (chunked prefill); while
-sequences decode, a :class:`serve.engine.pacing.StepPacer` also caps a step's prompt tokens
-from measured step times, so a chunk stretches the streams' inter-token gap by a bounded
-ratio on any hardware.
+sequences decode, a :class:`serve.engine.pacing.StepPacer` also caps the tokens a step
+gives to long prompts (over ``long_prefill_tokens``) from measured step times, so a long
+prompt stretches the streams' inter-token gap by a bounded ratio on any hardware, while a
+burst of short prompts is still admitted whole within the budget (pacing those too would
+cut prefill throughput: measured, a burst of queued chat requests then waited past the
+30 s queue timeout on a loaded machine).
 """
 
 from __future__ import annotations
@@ -118,17 +121,22 @@ class Scheduler:
         legacy = self.config.max_prefill_tokens
         budget = legacy if legacy is not None else max(
             self.config.max_num_batched_tokens - len(decoding), 1)
-        cap = self.pacer.chunk_cap(len(decoding)) if self.pacer is not None else None
-        if cap is not None:
-            budget = min(budget, cap)
+        # long prompts' tokens this step while sequences decode (None: the budget alone)
+        paced = (self.pacer.chunk_cap(len(decoding))
+                 if self.pacer is not None and self.chunked else None)
         for seq in self.running:  # prompts already partly prefilled go on first
             if not seq.prefilled:
-                budget -= self._chunk(seq, seq.computed, None, budget, plan)
+                took = self._chunk(seq, seq.computed, None, self._room(seq, budget, paced),
+                                   plan)
+                budget -= took
+                paced = self._spent(seq, paced, took)
         while self.waiting and len(self.running) < self.config.max_running and budget > 0:
             head = self.waiting[0]
             if head.aborted:
                 self.waiting.popleft()
                 continue
+            if self._room(head, budget, paced) <= 0:
+                break  # a long prompt waits for the next step's paced room (FIFO)
             hit, blocks = (self.cache.lookup(head.prefill_ids) if self.cache is not None
                            else (0, []))
             whole = len(head.prefill_ids) - hit
@@ -141,8 +149,21 @@ class Scheduler:
                 self.cache.record(hit, whole)
             head.kv_tokens = len(head.prefill_ids)
             self.running.append(head)
-            budget -= self._chunk(head, hit, blocks if hit else None, budget, plan)
+            took = self._chunk(head, hit, blocks if hit else None,
+                               self._room(head, budget, paced), plan)
+            budget -= took
+            paced = self._spent(head, paced, took)
         return plan
+
+    def _long(self, seq: Sequence) -> bool:
+        return len(seq.prefill_ids) > self.config.long_prefill_tokens
+
+    def _room(self, seq: Sequence, budget: int, paced: int | None) -> int:
+        """Tokens ``seq`` may prefill now: the budget, and for a long prompt the paced room."""
+        return budget if paced is None or not self._long(seq) else min(budget, paced)
+
+    def _spent(self, seq: Sequence, paced: int | None, took: int) -> int | None:
+        return paced - took if paced is not None and self._long(seq) else paced
 
     def _chunk(self, seq: Sequence, start: int, cached: list[Any] | None, budget: int,
                plan: StepPlan) -> int:
