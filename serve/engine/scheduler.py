@@ -80,8 +80,8 @@ class Scheduler:
         config: The engine's limits.
         chunked: Whether the step LM can prefill a chunk into a slot that holds tokens.
         cache: The prefix cache, or ``None`` (off, or the step LM cannot copy KV rows).
-        pacer: Caps a step's prompt tokens from measured step times while sequences
-            decode (``None``: the token budget alone).
+        pacer: Caps a step's tokens of long prompts from measured step times while
+            sequences decode (``None``: the token budget alone).
     """
 
     def __init__(self, config: EngineConfig, chunked: bool,
