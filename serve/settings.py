@@ -111,12 +111,12 @@ class EngineConfig(_Group):
                     "prompt chunks): long prompts are prefilled in chunks between decode "
                     "steps.")
     max_gap_ratio: float = Field(
-        2.0, ge=0,
+        0.0, ge=0,
         description="Generation: while sequences decode, a step's chunk of a long prompt "
                     "(over long_prefill_tokens) is sized from measured step times so the "
                     "step takes at most about this many decode steps (bounds the streams' "
-                    "inter-token gap while it prefills); 0 = chunks fill "
-                    "max_num_batched_tokens.")
+                    "inter-token gap while it prefills; 2 meets a 3x bound on it); 0 (the "
+                    "default) = chunks fill max_num_batched_tokens.")
     long_prefill_tokens: int = Field(
         256, ge=1,
         description="Generation: prompts longer than this are paced by max_gap_ratio "
