@@ -127,6 +127,13 @@ class EngineConfig(_Group):
                                 "(replaces --max-num-batched-tokens when given).")
     prefix_cache: bool = Field(True, description="Generation: reuse the KV of prompt "
                                "prefixes shared across requests.")
+    batch_invariant: bool = Field(
+        False,
+        description="Generation: a sequence's numbers do not depend on how many decode "
+                    "beside it, so greedy answers are the same under any load, cache or "
+                    "pacing (onnx-genai: a lone decoding row is padded to two, as int4 "
+                    "MatMulNBits has a one-row kernel of its own; a quarter slower at one "
+                    "stream). Refused for formats that cannot do it.")
 
     @model_validator(mode="after")
     def _deprecated(self) -> EngineConfig:

@@ -54,6 +54,7 @@ from serve.engine.core import Engine
 from serve.errors import ModelpressError
 from serve.runtime.loader import load_runtime
 from serve.runtime.protocol import LMRuntime
+from serve.runtime.step_lm import check_batch_invariant
 from serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ if SETTINGS.artifact:
     # Verify hashes on import, so `bentoml serve` (which imports this module before it
     # starts workers) stops at once with one line instead of restarting failing workers.
     try:
-        load_artifact(SETTINGS.artifact, verify=True)
+        _manifest = load_artifact(SETTINGS.artifact, verify=True).manifest
+        if SETTINGS.engine.batch_invariant:
+            check_batch_invariant(_manifest)
     except ModelpressError as exc:
         raise SystemExit(f"error: {' '.join(str(exc).split())}") from None
 # BentoML's OpenTelemetry middleware opens four spans per request even at its default
@@ -85,10 +88,12 @@ def start_engine(runtime: LMRuntime, settings: ServeSettings) -> Engine:
     engine = Engine(runtime.step_lm(), set(runtime.eos_ids), config)
     log.info("generation engine: max_running=%d max_kv_tokens=%d max_waiting=%d "
              "queue_timeout_s=%g max_num_batched_tokens=%d max_prefill_tokens=%s "
-             "max_gap_ratio=%g chunked_prefill=%s prefix_cache=%s", config.max_running,
+             "max_gap_ratio=%g batch_invariant=%s chunked_prefill=%s prefix_cache=%s",
+             config.max_running,
              config.max_kv_tokens, config.max_waiting, config.queue_timeout_s,
              config.max_num_batched_tokens, config.max_prefill_tokens,
-             config.max_gap_ratio, engine.chunked, engine.cache is not None)
+             config.max_gap_ratio, config.batch_invariant, engine.chunked,
+             engine.cache is not None)
     return engine
 
 

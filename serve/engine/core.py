@@ -13,10 +13,16 @@ in a thread of its own. Each iteration it
    chunks prefilled (a prompt's last chunk gives its first token, delivered at once),
    then every decoding sequence gets one token from one batched step.
 
-A greedy answer does not depend on the other requests in the batch: the step LMs decode
-each row exactly as alone (left padding masked, own positions); for dynamic-int8 graphs,
-whose activation scale spans the whole batch, that means one forward per sequence
-(:func:`serve.runtime.step_lm.decode_per_row`), whole-prompt prefills and no prefix cache.
+A greedy answer does not depend on the other requests in the batch as far as the kernels
+allow: the step LMs decode each row with its own positions and mask (left padding
+masked); dynamic-int8 graphs, whose activation scale spans the whole batch, run one
+forward per sequence (:func:`serve.runtime.step_lm.decode_per_row`), whole-prompt
+prefills and no prefix cache. Kernels can still differ by batch size: int4 MatMulNBits
+runs a lone row through a kernel of its own (SmolLM2: 0.48 in a logit), so a near-tie can
+flip between a request alone and under load. ``batch_invariant`` pads a lone decoding row
+to two (onnx-genai; two rows and up are bitwise equal), and prompt chunks are never one
+token (:data:`serve.engine.scheduler.SHORTEST_CHUNK`): then a greedy answer is the same
+alone, batched, chunked, paced or from the prefix cache.
 
 So a request joins the running batch at the next step and never waits for another
 request's whole generation. Tokens go to each request's asyncio queue (one thread hop
@@ -75,6 +81,11 @@ class Engine:
         self.cache = (PrefixCache(on_counts=self._count_cache)
                       if config.prefix_cache and self.chunked
                       and getattr(lm, "copies_kv", False) else None)
+        if config.batch_invariant:
+            if not hasattr(lm, "min_decode_rows"):
+                raise ValueError(f"batch_invariant: {type(lm).__name__} cannot decode "
+                                 "batch-invariantly")
+            lm.min_decode_rows = 2
         # KV room for every running sequence, before any request
         lm.reserve(config.max_running, min(self.context, config.max_kv_tokens))
         self.pacer = StepPacer(config.max_gap_ratio)

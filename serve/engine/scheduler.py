@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Fewest tokens in a prompt chunk (a one-token prompt excepted): a one-token prefill runs
+#: the attention and int4 kernels' decode path, whose numbers differ from a whole prompt's
+#: (SmolLM2 int4: 0.59 in a logit), so a chunked prompt would not give the whole prompt's
+#: tokens; two tokens and up run the prompt path, bitwise equal to one whole prefill.
+SHORTEST_CHUNK = 2
+
 
 @dataclass
 class Chunk:
@@ -171,7 +177,12 @@ class Scheduler:
         total = len(seq.prefill_ids)
         if budget <= 0 and plan.chunks:
             return 0
-        stop = min(total, start + max(budget, 1)) if self.chunked else total
+        if not self.chunked:
+            stop = total
+        else:
+            stop = min(total, start + max(budget, SHORTEST_CHUNK))
+            if total - stop == 1:  # never leave a one-token chunk
+                stop = stop - 1 if stop - start > SHORTEST_CHUNK else total
         plan.chunks.append(Chunk(seq, start, stop, cached))
         return stop - start
 

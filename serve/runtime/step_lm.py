@@ -17,9 +17,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from serve.errors import ArtifactError
 from serve.runtime.slot_table import LayerKV
 
-__all__ = ["DYNAMIC_INT8", "LayerKV", "StepLM", "decode_per_row"]
+__all__ = ["BATCH_INVARIANT_FORMATS", "DYNAMIC_INT8", "LayerKV", "StepLM",
+           "check_batch_invariant", "decode_per_row"]
 
 #: (format, precision) of artifacts whose graph quantizes activations at run time with ONE
 #: scale over the whole input tensor (ONNX Runtime's ``quantize_dynamic``:
@@ -35,6 +37,26 @@ def decode_per_row(manifest: Any) -> bool:
     return (manifest.format, manifest.precision) in DYNAMIC_INT8
 
 
+#: Formats whose step LM can decode batch-invariantly (``min_decode_rows``): a row's
+#: numbers then do not depend on how many rows decode with it. The slot-table LMs (torch,
+#: ONNX) cannot: their GEMM kernels split rows differently by batch size (SmolLM2 fp32
+#: torch: 2e-5 between identical rows of one batch).
+BATCH_INVARIANT_FORMATS = frozenset({"onnx-genai"})
+
+
+def check_batch_invariant(manifest: Any) -> None:
+    """Refuse batch-invariant serving of an artifact whose step LM cannot do it.
+
+    Raises:
+        ArtifactError: Naming the format.
+    """
+    if manifest.format not in BATCH_INVARIANT_FORMATS and not decode_per_row(manifest):
+        raise ArtifactError(f"batch_invariant: a {manifest.format} artifact cannot decode "
+                            "batch-invariantly (its kernels split rows by batch size); "
+                            f"use an {' or '.join(sorted(BATCH_INVARIANT_FORMATS))} variant "
+                            "or serve without --batch-invariant")
+
+
 class StepLM(Protocol):
     """Step-level causal LM. Called from ONE engine thread only (no locking needed inside).
 
@@ -45,6 +67,10 @@ class StepLM(Protocol):
             (``start > 0``) exactly as one whole prefill would (not for dynamic-int8
             graphs, whose activation scale spans the whole input).
         copies_kv: Whether :meth:`read_kv` / :meth:`load_prefix` work (prefix caching).
+
+    A step LM of :data:`BATCH_INVARIANT_FORMATS` also has ``min_decode_rows`` (default
+    1): the engine sets 2 for batch-invariant decoding, and :meth:`decode` then pads a
+    lone row with a neighbour.
     """
 
     vocab_size: int

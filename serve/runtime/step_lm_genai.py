@@ -94,6 +94,9 @@ class GenaiStepLM:
                                                           strict=True))
         self._states = [p for kind in kinds[1:] for p in pairs[kind]]
         self.copies_kv = not per_row and not self._states
+        # int4 MatMulNBits runs one row through a kernel of its own (SmolLM2: 0.48 in a
+        # logit against the same row among others; two rows and up are bitwise equal)
+        self.min_decode_rows = 1
         unknown = sorted(set(inputs) - {self._input_ids, self._mask, self._positions,
                                         *self._past, *(p for p, _ in self._states)})
         if unknown:
@@ -260,11 +263,17 @@ class GenaiStepLM:
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
         """Append ``tokens[i]`` to ``slots[i]`` in one batch; logits [len(slots), vocab].
 
-        Rows run as one contiguous block; a row in it that was not asked for is fed a
+        Rows run as one contiguous block of at least ``min_decode_rows`` rows (2 for
+        batch-invariant decoding); a row in it that was not asked for is fed a
         dummy token whose key/value land past its length and are overwritten later.
         """
         rows = [self._rows[s] for s in slots]
         first, stop = min(rows), max(rows) + 1
+        if stop - first < self.min_decode_rows and not self.per_row:
+            # a neighbouring row (in use or not) pads the step: its dummy token lands
+            # past its length, as for any row of the block that was not asked for
+            stop = min(first + self.min_decode_rows, self._arena.rows)
+            first = max(stop - self.min_decode_rows, 0)
         self._grow(int(self._lengths[first:stop].max()) + 1)
         if self.per_row:
             out = np.empty((len(rows), self.vocab_size), dtype=np.float32)

@@ -50,13 +50,14 @@ async def _tokens(seq) -> tuple[list[int], str | None]:
 
 
 def check_together_equals_alone(lm, prompts: list[list[int]], max_new_tokens: int,
-                                near_ties: bool = False) -> None:
+                                near_ties: bool = False, **config) -> None:
     """Run ``prompts`` through one engine (8 running), each alone, then all together.
 
     Asserts the tokens together equal those alone (``near_ties``: all streams but one,
     for kernels whose batched rows can flip a near-tie), every stream runs its full
     length (no EOS: outputs compare token for token) and every stream started before any
-    ended (interleaved, in the engine's delivery order).
+    ended (interleaved, in the engine's delivery order). ``config``: more
+    :class:`serve.settings.EngineConfig` fields.
     """
     from serve.engine.core import Engine, EngineConfig
     from serve.runtime.protocol import GenerationParams
@@ -64,7 +65,7 @@ def check_together_equals_alone(lm, prompts: list[list[int]], max_new_tokens: in
     params = GenerationParams(max_new_tokens=max_new_tokens)
 
     async def main():
-        engine = Engine(lm, set(), EngineConfig(max_running=8))
+        engine = Engine(lm, set(), EngineConfig(**{"max_running": 8, **config}))
         try:
             alone = [(await _tokens(engine.submit(p, params)))[0] for p in prompts]
             seqs = [engine.submit(p, params) for p in prompts]
