@@ -49,13 +49,16 @@ def main() -> None:
     parser.add_argument("artifact")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="the engine's batch-invariant decoding (EngineConfig)")
     args = parser.parse_args()
     runtime = load_runtime(args.artifact)
     ids = list(runtime.tokenizer(PROMPT)["input_ids"])
 
     async def run() -> list[dict]:
         # EOS off: every stream decodes exactly --tokens tokens
-        engine = Engine(runtime.step_lm(), set(), EngineConfig(max_running=max(args.streams)))
+        engine = Engine(runtime.step_lm(), set(), EngineConfig(max_running=max(args.streams),
+                                                             batch_invariant=args.batch_invariant))
         try:
             await measure(engine, ids, 1, 8)  # warm-up
             return [await measure(engine, ids, s, args.tokens) for s in args.streams]
@@ -66,7 +69,8 @@ def main() -> None:
     base = rows[0]["tok_per_s"]
     for row in rows:
         row["vs_first"] = round(row["tok_per_s"] / base, 2)
-    print(json.dumps({"artifact": args.artifact, "rows": rows}, indent=1))
+    print(json.dumps({"artifact": args.artifact, "batch_invariant": args.batch_invariant,
+                      "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ class Engine:
         self.cache = (PrefixCache(on_counts=self._count_cache)
                       if config.prefix_cache and self.chunked
                       and getattr(lm, "copies_kv", False) else None)
-        if config.batch_invariant:
+        if config.batch_invariant and not getattr(lm, "per_row", False):
+            # (a per-row LM decodes every sequence alone: invariant already)
             if not hasattr(lm, "min_decode_rows"):
                 raise ValueError(f"batch_invariant: {type(lm).__name__} cannot decode "
                                  "batch-invariantly")

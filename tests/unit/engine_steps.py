@@ -82,3 +82,23 @@ def check_together_equals_alone(lm, prompts: list[list[int]], max_new_tokens: in
         assert [t[0] for t in together] == alone
     assert all(len(t[0]) == max_new_tokens and t[1] == "length" for t in together)
     assert interleaved(steps, ids)  # every stream started before any ended
+
+
+def lone_genai(runtime, prompt: list[int], n: int, exact: bool = False) -> list[int]:
+    """onnxruntime-genai's own generator, one prompt, greedy: the reference of the engine's
+    genai step LM (``exact``: exactly ``n`` tokens, its ``min_length`` masking EOS as
+    torch's ``min_new_tokens`` does; else up to ``n``)."""
+    import numpy as np
+
+    og = runtime._og
+    params = og.GeneratorParams(runtime.model)
+    length = len(prompt) + n
+    params.set_search_options(max_length=length, do_sample=False,
+                              **({"min_length": length} if exact else {}))
+    generator = og.Generator(runtime.model, params)
+    generator.append_tokens(np.asarray([prompt], dtype=np.int32))
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out

@@ -13,7 +13,7 @@ import pytest
 from serve.engine.core import Engine, EngineConfig, EngineRefused
 from serve.runtime.loader import load_runtime
 from serve.runtime.protocol import GenerationParams
-from tests.unit.engine_steps import check_together_equals_alone
+from tests.unit.engine_steps import check_together_equals_alone, lone_genai
 from tests.unit.variant_fixtures import build_lm_variants
 
 FORMATS = ["merge", "onnx-fp32", "genai-fp32", "genai-int4"]
@@ -33,20 +33,6 @@ def lms(tiny, tmp_path_factory):
 def _prompts(vocab: int) -> list[list[int]]:
     rng = np.random.default_rng(0)
     return [[2, *rng.integers(4, vocab - 1, size=n - 1).tolist()] for n in PROMPT_LENGTHS]
-
-
-def _lone_genai(runtime, prompt: list[int], n: int) -> list[int]:
-    """onnxruntime-genai's own generator, one prompt, greedy: the reference."""
-    og = runtime._og
-    params = og.GeneratorParams(runtime.model)
-    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
-    generator = og.Generator(runtime.model, params)
-    generator.append_tokens(np.asarray([prompt], dtype=np.int32))
-    out = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
-    return out
 
 
 async def _collect(seq) -> tuple[list[int], str | None, list[float]]:
@@ -71,7 +57,7 @@ def test_genai_step_lm_interleaved_equals_lone_generator(lms, fmt):
     runtime = lms[fmt]
     lm = runtime.step_lm()
     prompts = _prompts(lm.vocab_size)
-    lone = [_lone_genai(runtime, p, 25) for p in prompts]
+    lone = [lone_genai(runtime, p, 25) for p in prompts]
     joins = {0: 0, 1: 0, 2: 3, 3: 6, 4: 10, 5: 11}  # slot → step it joins at
     out: dict[int, list[int]] = {}
     for step in range(80):
@@ -245,7 +231,7 @@ def test_queue_deadline_refuses_with_503_and_the_fifo_head_is_served(lms):
 def test_eos_ends_with_stop_and_is_not_counted(lms):
     runtime = lms["genai-fp32"]
     prompt = _prompts(82)[2]
-    free_run = _lone_genai(runtime, prompt, 12)
+    free_run = lone_genai(runtime, prompt, 12)
     eos = free_run[5]
     expected = free_run[: free_run.index(eos)]
 

@@ -14,7 +14,7 @@ from compress.stages.genai_build import GenaiBuildError, check_genai_supported
 from compress.tiny_archs import build_decoder
 from serve.artifact import load_artifact
 from serve.runtime.loader import load_runtime
-from tests.unit.engine_steps import check_together_equals_alone
+from tests.unit.engine_steps import check_together_equals_alone, lone_genai
 from tests.unit.variant_fixtures import run, write_texts
 
 # SmolLM3: layer 1 without RoPE; HunYuanDenseV1: a graph with position_ids input
@@ -82,29 +82,13 @@ def _torch_greedy(base, prompt: list[int], n: int) -> list[int]:
     return seq[0, len(prompt):].tolist()
 
 
-def _lone_genai(runtime, prompt: list[int], n: int) -> list[int]:
-    """onnxruntime-genai's own generator, one prompt, greedy, exactly ``n`` tokens (its
-    ``min_length`` masks EOS, as torch's ``min_new_tokens`` does)."""
-    og = runtime._og
-    params = og.GeneratorParams(runtime.model)
-    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n,
-                              do_sample=False)
-    generator = og.Generator(runtime.model, params)
-    generator.append_tokens(np.asarray([prompt], dtype=np.int32))
-    out = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
-    return out
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_genai_fp32_equals_torch_greedy(built, arch):
     base, folder = built[arch]
     runtime = load_runtime(folder)
     # Gemma3's sliding window (16) is shorter than 12 prompt + 20 new tokens
     for prompt in _prompts(runtime.step_lm().vocab_size):
-        assert _lone_genai(runtime, prompt, N_NEW) == _torch_greedy(base, prompt, N_NEW)
+        assert lone_genai(runtime, prompt, N_NEW, exact=True) == _torch_greedy(base, prompt, N_NEW)
 
 
 def _greedy(logits) -> int:
@@ -117,7 +101,7 @@ def test_step_lm_interleaved_equals_lone_generator(built, arch):
     runtime = load_runtime(built[arch][1])
     lm = runtime.step_lm()
     prompts = _prompts(lm.vocab_size)
-    lone = [_lone_genai(runtime, p, N_NEW) for p in prompts]
+    lone = [lone_genai(runtime, p, N_NEW, exact=True) for p in prompts]
     joins = {0: 0, 1: 0, 2: 3, 3: 7}  # slot → step it joins at
     out: dict[int, list[int]] = {}
     for step in range(60):
