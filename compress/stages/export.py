@@ -27,14 +27,16 @@ log = logging.getLogger(__name__)
 
 #: Files an ONNX artifact keeps besides the graph (tokenizer, configs).
 SIDE_FILES = (".json", ".jinja", ".txt", ".model")
-#: Classifiers are traced through their eager attention: the SDPA path's graph (the
-#: boolean mask rebuilt, keys transposed through two reshapes, a Where per layer for
-#: fully masked rows) ran ~8% slower in ONNX Runtime at serving batch sizes (MiniLM int8,
-#: batch 16: docs/benchmarks.md, "transformers 5 stack: idle-machine A/B").
-CLASSIFIER_ATTENTION = "eager"
+#: Models are traced through their eager attention: the SDPA path's graph (the boolean
+#: mask rebuilt, a Where per layer for fully masked rows, more Slice/Reshape/Concat) ran
+#: slower in ONNX Runtime: MiniLM int8 ~8% at batch 16, SmolLM2 fp32 decode 1.07x (1
+#: stream) and 1.49x (8 streams) faster eager, medians of 5 rounds (docs/benchmarks.md,
+#: "transformers 5 stack: idle-machine A/B" and "Causal LMs traced eager").
+EXPORT_ATTENTION = "eager"
 #: Bumped when :func:`export_onnx`'s graphs change: a cached fp32 export of another version
-#: is not reused (:func:`compress.stages.variant_inputs.fp32_onnx`). 2: eager classifiers.
-EXPORT_VERSION = 2
+#: is not reused (:func:`compress.stages.variant_inputs.fp32_onnx`). 2: eager classifiers;
+#: 3: eager causal LMs.
+EXPORT_VERSION = 3
 #: Loggers of the tracer, quiet during an export (their warnings go to the debug log).
 TRACER_LOGGERS = ("torch.export", "torch._export", "torch.onnx", "torch._dynamo",
                   "torch.fx", "transformers")
@@ -99,12 +101,11 @@ def export_onnx(src: Path, dst: Path, task: str) -> dict[str, Any]:
         raise ExportError(str(exc)) from None
     cls = (AutoModelForSequenceClassification if task == "text-classification"
            else AutoModelForCausalLM)
-    attention = ({"attn_implementation": CLASSIFIER_ATTENTION}
-                 if task == "text-classification" else {})
     stack, buffer = _quiet()
     try:
         with stack:
-            model = cls.from_pretrained(src, dtype=torch.float32, **attention).eval()
+            model = cls.from_pretrained(src, dtype=torch.float32,
+                                        attn_implementation=EXPORT_ATTENTION).eval()
             program = (onnx_export.export_classifier(model) if task == "text-classification"
                        else onnx_export.export_causal_lm(model))
     except onnx_export.UnsupportedArchitecture as exc:
@@ -117,7 +118,7 @@ def export_onnx(src: Path, dst: Path, task: str) -> dict[str, Any]:
     onnx_export.save(program, dst)
     copy_side_files(src, dst)
     return {"exporter": onnx_export.EXPORTER, "opset": onnx_export.opset(program),
-            "architecture": arch, **({"attention": CLASSIFIER_ATTENTION} if attention else {})}
+            "architecture": arch, "attention": EXPORT_ATTENTION}
 
 
 def _session(model: Path):

@@ -125,7 +125,7 @@ def _plan_onnx(recipe: Recipe, variant: ExportVariant) -> tuple[str, str]:
     return "onnx", variant.precision
 
 
-@register("export", "onnx", config=ExportVariant, plan=_plan_onnx, version=2,
+@register("export", "onnx", config=ExportVariant, plan=_plan_onnx, version=3,
           summary="ONNX export (transformers' exporter), fp32 or fp16")
 def _build_onnx(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages import export
@@ -198,7 +198,7 @@ def _plan_static(recipe: Recipe, variant: Any) -> tuple[str, str]:
     return "onnx", variant.method
 
 
-@register("quantize", "int8-dynamic", config=NoOptions, plan=_plan_onnx_quantize, version=2,
+@register("quantize", "int8-dynamic", config=NoOptions, plan=_plan_onnx_quantize, version=3,
           summary="ONNX Runtime dynamic int8, per-channel")
 def _build_int8_dynamic(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages import quantize
@@ -208,7 +208,7 @@ def _build_int8_dynamic(ctx: BuildContext) -> dict[str, Any]:
     return {"export": details, "quantization": quantize.int8_dynamic(src, ctx.dst)}
 
 
-@register("quantize", "int8-static", config=Int8StaticOptions, plan=_plan_static, version=2,
+@register("quantize", "int8-static", config=Int8StaticOptions, plan=_plan_static, version=3,
           summary="ONNX Runtime static int8 QDQ, calibrated")
 def _build_int8_static(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages import quantize
@@ -235,7 +235,7 @@ def _plan_int4(recipe: Recipe, variant: Any) -> tuple[str, str]:
     return "onnx", variant.method
 
 
-@register("quantize", "int4-weight-only", config=Int4Options, plan=_plan_int4, version=5,
+@register("quantize", "int4-weight-only", config=Int4Options, plan=_plan_int4, version=6,
           summary="MatMulNBits int4 (rtn, gptq, hqq, k_quant, k_quant_mixed)")
 def _build_int4(ctx: BuildContext) -> dict[str, Any]:
     from compress.stages.quantize import int4_weight_only

@@ -124,20 +124,26 @@ def test_classifier_exports_match_torch(name, tiny, tmp_path):
     assert check["top1_agreement"] == 1.0
 
 
-def test_classifier_is_traced_through_eager_attention(tiny, tmp_path):
-    """The SDPA path's graph adds a Where per layer (fully masked rows) and ran ~8% slower
-    served; the eager one builds its mask once (docs/benchmarks.md)."""
+@pytest.mark.parametrize("task", ["text-classification", "text-generation"])
+def test_models_are_traced_through_eager_attention(task, tiny, tmp_path):
+    """The SDPA path's graph adds a Where per layer (fully masked rows) and ran slower in
+    ONNX Runtime (MiniLM ~8% at batch 16, SmolLM2 decode 1.07-1.49x); the eager one builds
+    its mask once (docs/benchmarks.md)."""
     import json
 
     import onnx
 
-    details = export_onnx(tiny["bert"], tmp_path / "onnx", "text-classification")
+    folder = tiny["bert" if task == "text-classification" else "llama"]
+    details = export_onnx(folder, tmp_path / "onnx", task)
     assert details["attention"] == "eager"
-    layers = json.loads((tiny["bert"] / "config.json").read_text())["num_hidden_layers"]
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
     assert layers >= 2
     assert sum(node.op_type == "Where" for node in graph.node) < layers
-    check = check_classifier(tiny["bert"], tmp_path / "onnx", 1e-4, n=8)
+    if task == "text-generation":
+        assert _ort_vs_torch(folder, tmp_path / "onnx") < 1e-4
+        return
+    check = check_classifier(folder, tmp_path / "onnx", 1e-4, n=8)
     assert check["max_abs_diff"] <= check["allowed_abs_diff"]
     assert check["top1_agreement"] == 1.0
 
