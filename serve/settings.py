@@ -132,7 +132,7 @@ class EngineConfig(_Group):
         description="Generation: a sequence's numbers do not depend on how many decode "
                     "beside it, so greedy answers are the same under any load, cache or "
                     "pacing (onnx-genai: a lone decoding row is padded to two, as int4 "
-                    "MatMulNBits has a one-row kernel of its own; a quarter slower at one "
+                    "MatMulNBits has a one-row kernel of its own; 14-24% slower at one "
                     "stream). Refused for formats that cannot do it.")
 
     @model_validator(mode="after")
