@@ -62,16 +62,11 @@ class PrefixCache:
             parent = key
         return keys
 
-    def lookup(self, ids: list[int]) -> tuple[int, list[Any]]:
-        """The longest cached prefix of ``ids`` leaving at least two tokens to prefill:
-        (its tokens, its blocks' KV in order).
-
-        Two, not one: a one-token prefill runs the attention and int4 kernels' decode path,
-        whose numbers differ from a whole prompt's (SmolLM2 int4: 0.59 in a logit), so the
-        cached run would not give the uncached run's first token.
-        """
+    def lookup(self, ids: list[int], leave: int) -> tuple[int, list[Any]]:
+        """The longest cached prefix of ``ids`` leaving at least ``leave`` tokens to prefill
+        (the scheduler's shortest chunk): (its tokens, its blocks' KV in order)."""
         found: list[_Key] = []
-        for key in self._keys(ids, len(ids) - 2):
+        for key in self._keys(ids, len(ids) - leave):
             if key not in self._blocks:
                 break
             found.append(key)

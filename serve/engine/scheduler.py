@@ -38,10 +38,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Fewest tokens in a prompt chunk (a one-token prompt excepted): a one-token prefill runs
-#: the attention and int4 kernels' decode path, whose numbers differ from a whole prompt's
-#: (SmolLM2 int4: 0.59 in a logit), so a chunked prompt would not give the whole prompt's
-#: tokens; two tokens and up run the prompt path, bitwise equal to one whole prefill.
+#: Fewest tokens in a prompt chunk (a one-token prompt excepted), and so the fewest a
+#: prefix-cache hit leaves to prefill: a one-token prefill runs the attention and int4
+#: kernels' decode path, whose numbers differ from a whole prompt's (SmolLM2 int4: 0.59 in
+#: a logit), so a chunked or cached prompt would not give the whole prompt's tokens; two
+#: tokens and up run the prompt path, bitwise equal to one whole prefill.
 SHORTEST_CHUNK = 2
 
 
@@ -143,8 +144,8 @@ class Scheduler:
                 continue
             if self._room(head, budget, paced) <= 0:
                 break  # a long prompt waits for the next step's paced room (FIFO)
-            hit, blocks = (self.cache.lookup(head.prefill_ids) if self.cache is not None
-                           else (0, []))
+            hit, blocks = (self.cache.lookup(head.prefill_ids, SHORTEST_CHUNK)
+                           if self.cache is not None else (0, []))
             whole = len(head.prefill_ids) - hit
             if not self.chunked and plan.chunks and whole > budget:
                 break  # one whole prompt per step at least; the next waits for room

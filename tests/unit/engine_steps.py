@@ -40,7 +40,8 @@ def interleaved(steps: dict[int, list[int]], ids: list[int]) -> bool:
     return max(steps[i][0] for i in ids) < min(steps[i][-1] for i in ids)
 
 
-async def _tokens(seq) -> tuple[list[int], str | None]:
+async def collect_tokens(seq) -> tuple[list[int], str | None]:
+    """A sequence's tokens and finish reason (its error raised)."""
     tokens = []
     while (event := await seq.queue.get()).token is not None:
         tokens.append(event.token)
@@ -67,9 +68,9 @@ def check_together_equals_alone(lm, prompts: list[list[int]], max_new_tokens: in
     async def main():
         engine = Engine(lm, set(), EngineConfig(**{"max_running": 8, **config}))
         try:
-            alone = [(await _tokens(engine.submit(p, params)))[0] for p in prompts]
+            alone = [(await collect_tokens(engine.submit(p, params)))[0] for p in prompts]
             seqs = [engine.submit(p, params) for p in prompts]
-            together = await asyncio.gather(*(_tokens(s) for s in seqs))
+            together = await asyncio.gather(*(collect_tokens(s) for s in seqs))
         finally:
             engine.close()
         return alone, together, [s.id for s in seqs]
@@ -102,3 +103,21 @@ def lone_genai(runtime, prompt: list[int], n: int, exact: bool = False) -> list[
         generator.generate_next_token()
         out.append(int(generator.get_next_tokens()[0]))
     return out
+
+
+class CountingLM:
+    """A real step LM that records its calls: ("prefill", tokens) / ("decode", rows)."""
+
+    def __init__(self, lm) -> None:
+        self.lm, self.calls = lm, []
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+    def prefill(self, slot, ids, start=0):
+        self.calls.append(("prefill", len(ids)))
+        return self.lm.prefill(slot, ids, start)
+
+    def decode(self, slots, tokens):
+        self.calls.append(("decode", len(slots)))
+        return self.lm.decode(slots, tokens)

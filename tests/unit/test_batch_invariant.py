@@ -21,7 +21,7 @@ from serve.errors import ArtifactError
 from serve.runtime.loader import load_runtime
 from serve.runtime.protocol import GenerationParams
 from serve.runtime.step_lm import check_batch_invariant
-from tests.unit.engine_steps import check_together_equals_alone
+from tests.unit.engine_steps import CountingLM, check_together_equals_alone, collect_tokens
 from tests.unit.variant_fixtures import run, write_texts
 
 LENGTHS = (5, 9, 3, 12, 7, 20)
@@ -82,12 +82,7 @@ def test_batch_invariant_engine_greedy_equals_alone_exactly(int4):
 
 def _greedy(lm, prompts, params, together: bool, **config) -> list[list[int]]:
     async def one(engine, prompt):
-        seq = engine.submit(prompt, params)
-        out = []
-        while (event := await seq.queue.get()).token is not None:
-            out.append(event.token)
-        assert event.error is None
-        return out
+        return (await collect_tokens(engine.submit(prompt, params)))[0]
 
     async def main():
         engine = Engine(lm, set(), EngineConfig(**config))
@@ -117,33 +112,23 @@ def test_paced_chunked_and_cached_prompts_give_the_answers_alone(int4):
         assert got == alone + alone
 
 
-class _Chunks:
-    """A real step LM that records the width of every prefill call."""
-
-    def __init__(self, lm) -> None:
-        self.lm, self.widths = lm, []
-
-    def __getattr__(self, name):
-        return getattr(self.lm, name)
-
-    def prefill(self, slot, ids, start=0):
-        self.widths.append(len(ids))
-        return self.lm.prefill(slot, ids, start)
+def _widths(lm: CountingLM) -> list[int]:
+    return [n for kind, n in lm.calls if kind == "prefill"]
 
 
 def test_prompt_chunks_and_cache_hits_never_leave_one_token(int4):
-    lm = _Chunks(int4.step_lm())
+    lm = CountingLM(int4.step_lm())
     params = GenerationParams(max_new_tokens=4)
     prompt = _prompts(lm.vocab_size, (21,), seed=3)[0]  # a budget of 10: not 10 + 10 + 1
     want = _greedy(int4.step_lm(), [prompt], params, together=False, prefix_cache=False)
     assert _greedy(lm, [prompt], params, together=False, prefix_cache=False,
                    max_num_batched_tokens=10) == want
-    assert lm.widths == [10, 9, 2]
+    assert _widths(lm) == [10, 9, 2]
     # 33 tokens sharing 32 (two blocks) with the one before: one block is reused, not two
     first, second = (_prompts(lm.vocab_size, (32,), seed=4)[0] + [t] for t in (7, 8))
-    lm.widths.clear()
+    lm.calls.clear()
     outs = _greedy(lm, [first, second], params, together=False)
-    assert lm.widths == [33, 17]
+    assert _widths(lm) == [33, 17]
     assert outs[1] == _greedy(int4.step_lm(), [second], params, together=False,
                               prefix_cache=False)[0]
 

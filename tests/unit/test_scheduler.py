@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from serve.engine.core import Engine, EngineConfig
 from serve.runtime.loader import load_runtime
 from serve.runtime.protocol import GenerationParams
+from tests.unit.engine_steps import CountingLM
 from tests.unit.variant_fixtures import build_lm_variants
 
 FORMATS = ["merge", "onnx-fp32", "genai-fp32"]
@@ -30,24 +31,6 @@ def lms(tiny, tmp_path_factory):
 
 def _ids(vocab: int, n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(4, vocab - 1, size=n).tolist()
-
-
-class _CountingLM:
-    """A real step LM that records its calls: ("prefill", tokens) / ("decode", rows)."""
-
-    def __init__(self, lm) -> None:
-        self.lm, self.calls = lm, []
-
-    def __getattr__(self, name):
-        return getattr(self.lm, name)
-
-    def prefill(self, slot, ids, start=0):
-        self.calls.append(("prefill", len(ids)))
-        return self.lm.prefill(slot, ids, start)
-
-    def decode(self, slots, tokens):
-        self.calls.append(("decode", len(slots)))
-        return self.lm.decode(slots, tokens)
 
 
 def _run(lm, prompts, params, **config):
@@ -75,7 +58,7 @@ def _alone(lm, prompts, params):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_long_prompt_is_chunked_between_the_running_streams_decode_steps(lms, fmt):
-    lm = _CountingLM(lms[fmt].step_lm())
+    lm = CountingLM(lms[fmt].step_lm())
     vocab = lm.vocab_size
     short = [[2, *_ids(vocab, 5, s)] for s in (1, 2)]
     long = [2, *_ids(vocab, 99, 3)]
